@@ -1,0 +1,93 @@
+"""Crash-safe file writing: write a temporary sibling, fsync, rename over the target.
+
+A reader sees either the old file or the complete new one, never a torn write, whatever
+kills the process. Temporary files carry a `.tmp-` prefix so a resumed run can sweep them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import UserError
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temp file next to `path` for binary writing; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> str:
+    """Atomically write `data`; return its SHA-256 hex digest."""
+    try:
+        with atomic_open(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise disk_error(e, path) from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_text(path: str | Path, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in `path` durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sweep_temporaries(root: str | Path) -> int:
+    """Delete temp files a killed run left behind; return how many."""
+    n = 0
+    for p in Path(root).rglob(TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
+def disk_error(e: OSError, path: str | Path) -> UserError:
+    """Turn a write failure into one clear line (full disk, read-only or forbidden output)."""
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the output is on a read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    why = reasons.get(e.errno, e.strerror or type(e).__name__)
+    return UserError(f"cannot write: {why}; everything committed before this is intact, re-run to resume", path)

@@ -1,0 +1,1 @@
+"""Generator backends behind one protocol (see base.py); registry.py says what each can do."""

@@ -1,0 +1,130 @@
+"""Acquisition geometry: where the source, detector and patient are for one radiograph.
+
+World frame = the phantom's patient frame (RAS, mm, origin at the CT centre) before the
+patient is moved. A PA exposure puts the source behind the patient (-y) and the detector in
+front (+y); AP is the reverse, with a shorter source distance and the patient further from the
+detector (portable bedside films), hence more magnification. Either way the image is shown as
+radiographs are read: the patient's left on the viewer's right, head up.
+
+Patient variation is an affine map applied to the patient (so rays are mapped back by its
+inverse): anisotropic body scaling, inspiration depth (cranio-caudal stretch about the lung
+apices, moving the diaphragm), rotation and translation. Path lengths are measured in the
+world frame, so a larger patient really attenuates more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .ct import Phantom
+
+# Typical set-ups: source-to-image distance, distance from the patient's mid-plane to the detector.
+VIEWS = {
+    "PA": {"sid": 1800.0, "sid_sd": 40.0, "odd": 140.0, "odd_sd": 15.0, "toward_detector": +1.0},
+    "AP": {"sid": 1000.0, "sid_sd": 60.0, "odd": 190.0, "odd_sd": 25.0, "toward_detector": -1.0},
+}
+FIELD_MM = 330.0  # field of view at the patient's mid-plane
+
+
+@dataclass
+class Geometry:
+    view: str
+    size: int
+    sid: float  # source-to-image distance, mm
+    odd: float  # isocentre-to-detector distance, mm
+    field_mm: float  # field of view at the isocentre
+    aim: tuple[float, float]  # (x, z) the central ray passes through, patient mm
+    angles_deg: tuple[float, float, float]  # patient rotation about x (tilt), y (roll), z (rotation)
+    shift_mm: tuple[float, float, float]
+    scale: tuple[float, float, float]  # body scaling (x, y, z)
+    inspiration: float  # cranio-caudal stretch of the chest about the apices
+    apex_z: float
+
+    @property
+    def magnification(self) -> float:
+        return self.sid / (self.sid - self.odd)
+
+    @property
+    def pixel_mm(self) -> float:
+        """Detector pixel pitch (mm)."""
+        return self.field_mm * self.magnification / self.size
+
+    def as_meta(self) -> dict:
+        d = asdict(self)
+        d["magnification"] = self.magnification
+        d["pixel_mm"] = self.pixel_mm
+        return d
+
+    def patient_matrix(self) -> np.ndarray:
+        """4×4 map from the patient's (phantom) frame to the world frame."""
+        insp = np.eye(4)
+        insp[2, 2] = self.inspiration
+        insp[2, 3] = self.apex_z * (1 - self.inspiration)
+        scale = np.diag([*self.scale, 1.0])
+        rot = np.eye(4)
+        rot[:3, :3] = _rotation(np.radians(self.angles_deg))
+        move = np.eye(4)
+        move[:3, 3] = self.shift_mm
+        return move @ rot @ scale @ insp
+
+    def rays(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Source (3,) and detector pixel centres (size*size, 3), world mm, row-major from top-left."""
+        toward = VIEWS[self.view]["toward_detector"]
+        sod = self.sid - self.odd
+        x0, z0 = self.aim
+        n = self.size
+        pitch = self.pixel_mm
+        c = (torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2) * pitch
+        rows, cols = torch.meshgrid(c, c, indexing="ij")
+        # Columns run toward the patient's left (-x), rows toward the feet (-z).
+        tgt = torch.stack([x0 - cols, torch.full_like(rows, toward * self.odd), z0 - rows], dim=-1).reshape(-1, 3)
+        src = torch.tensor([x0, -toward * sod, z0], dtype=torch.float64, device=device)
+        return src, tgt
+
+
+def _rotation(a: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.random.Generator,
+                    variation: float = 1.0) -> Geometry:
+    """Draw a plausible exposure and patient habitus for one job."""
+    v = VIEWS[view]
+    lo, hi = phantom.extent_mm(phantom.lungs["left"] | phantom.lungs["right"])
+    female = job.get("sex") == "F"
+    age = float(job.get("age") or 60)
+
+    def jitter(sd: float) -> float:
+        return float(rng.normal(0.0, sd * variation))
+
+    body = 0.96 if female else 1.0  # smaller average chest
+    scale = (body * (1 + jitter(0.04)), body * (1 + jitter(0.05)), body * (1 + jitter(0.03)))
+    # Portable AP films are often shallower breaths; older patients a little shallower too.
+    insp_mean = (0.95 if view == "AP" else 1.0) - max(0.0, age - 60) * 0.0008
+    inspiration = float(np.clip(insp_mean + jitter(0.03), 0.85, 1.1))
+    return Geometry(
+        view=view,
+        size=size,
+        sid=v["sid"] + jitter(v["sid_sd"]),
+        odd=max(60.0, v["odd"] + jitter(v["odd_sd"])),
+        field_mm=FIELD_MM * (1 + jitter(0.02)),
+        aim=(float((lo[0] + hi[0]) / 2), float((lo[2] + hi[2]) / 2 + 10.0)),
+        angles_deg=(jitter(2.5), jitter(1.5), jitter(3.0)),
+        shift_mm=(jitter(6.0), jitter(4.0), jitter(8.0)),
+        scale=scale,
+        inspiration=inspiration,
+        apex_z=float(hi[2]),
+    )
+
+
+def canonical_geometry(view: str, size: int, phantom: Phantom) -> Geometry:
+    """The unjittered set-up (used by benchmarks and tests)."""
+    return sample_geometry(view, size, {"sex": "M", "age": 60}, phantom, np.random.default_rng(0), variation=0.0)

@@ -1,0 +1,77 @@
+"""What each backend can do, as plain data, so a recipe is checked without loading torch.
+
+The recipe loader asks this table whether a backend renders the findings, views, masks and
+layouts a recipe names, and validates the backend's options against its pydantic model.
+`load_backend` imports the heavy implementation only when a run really starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    summary: str
+    findings: tuple[str, ...]
+    anatomy: tuple[str, ...]
+    views: tuple[str, ...]
+    layouts: tuple[str, ...]
+    options_model: Callable[[], type[BaseModel]]
+    factory: str  # "module:Class"
+    needs_model: bool = False
+    seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
+
+    def options(self, raw: dict[str, Any]) -> BaseModel:
+        return self.options_model()(**raw)
+
+    def check_options(self, raw: dict[str, Any]) -> list[tuple[tuple, str]]:
+        try:
+            self.options(raw)
+        except ValidationError as e:
+            return [(tuple(err["loc"]), err["msg"] if err["type"] != "extra_forbidden"
+                     else f"unknown option; the {self.name} backend takes "
+                          + ", ".join(self.options_model().model_fields)) for err in e.errors()]
+        return []
+
+
+def _drr_options() -> type[BaseModel]:
+    from .drr.options import DRROptions
+
+    return DRROptions
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    "drr": BackendInfo(
+        name="drr",
+        summary="physics-based radiographs rendered from a real chest CT (CPU or GPU)",
+        findings=("No Finding", "Nodule", "Mass", "Effusion", "Cardiomegaly"),
+        anatomy=("lungs", "lung_left", "lung_right", "heart"),
+        views=("PA", "AP"),
+        layouts=("physics",),
+        options_model=_drr_options,
+        factory="chexforge.backends.drr.backend:DRRBackend",
+        seconds_per_image={"cpu": 0.6},
+    ),
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def backend_info(name: str) -> BackendInfo:
+    return BACKENDS[name]
+
+
+def load_backend(name: str, options: dict[str, Any], **kwargs: Any):
+    """Build the backend object (this imports torch and loads the model)."""
+    info = backend_info(name)
+    module, cls = info.factory.split(":")
+    return getattr(importlib.import_module(module), cls)(info.options(options), **kwargs)

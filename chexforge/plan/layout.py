@@ -1,0 +1,110 @@
+"""Layouts: which masks and boxes a job asks for (DESIGN.md, "Layouts").
+
+`physics` leaves them to the backend (the DRR backend places lesions in 3-D and reports the
+exact projection). `explicit` takes them from the recipe, a CSV of boxes or a folder of mask
+PNGs, cycled or sampled over the jobs. Each job records in `mask_ref` which item it got.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import UserError
+from ..recipe.schema import Cohort, Recipe
+from ..recipe.vocabulary import BY_NAME
+from . import rng
+from .jobs import BOX, BOXES
+
+
+@dataclass
+class LayoutItems:
+    refs: list[str]
+    boxes: list[list[dict]]
+
+
+def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """(boxes, mask_ref) columns for a cohort's jobs."""
+    n = len(index)
+    layout = cohort.layout
+    if layout.source == "physics":
+        empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], BOX))
+        return empty.cast(BOXES), pa.repeat(pa.scalar("physics"), n)
+    if layout.source == "prior":
+        raise UserError(f"cohort {cohort.name!r}: layout 'prior' needs the priors package (not built yet)")
+    items = explicit_items(recipe, cohort)
+    if layout.order == "cycle":
+        pick = (index % np.uint64(len(items.refs))).astype(np.int64)
+    else:
+        pick = np.floor(rng.uniform(key, index, "layout") * len(items.refs)).astype(np.int64)
+    boxes = pa.array(items.boxes, BOXES).take(pa.array(pick))
+    refs = pa.array(items.refs, pa.string()).take(pa.array(pick))
+    return boxes, refs
+
+
+def explicit_items(recipe: Recipe, cohort: Cohort) -> LayoutItems:
+    layout = cohort.layout
+    if layout.boxes is not None:
+        boxes = [{"label": b.label, "x0": b.box[0], "y0": b.box[1], "x1": b.box[2], "y1": b.box[3]} for b in layout.boxes]
+        return LayoutItems(["explicit:recipe"], [boxes])
+    if layout.boxes_csv is not None:
+        return _boxes_csv(recipe.resolve_path(layout.boxes_csv))
+    assert layout.masks_dir is not None
+    return _masks_dir(recipe.resolve_path(layout.masks_dir))
+
+
+def _boxes_csv(path: Path) -> LayoutItems:
+    """Rows `image_id,label,x0,y0,x1,y1` (normalized); rows sharing an image_id form one layout."""
+    if not path.is_file():
+        raise UserError("no such boxes CSV", path)
+    groups: dict[str, list[dict]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = ["image_id", "label", "x0", "y0", "x1", "y1"]
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"missing columns {', '.join(missing)}; expected a header {','.join(need)}", f"{path}:1")
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                x0, y0, x1, y1 = (float(row[c]) for c in ("x0", "y0", "x1", "y1"))
+            except (TypeError, ValueError):
+                raise UserError("x0, y0, x1, y1 must be numbers", f"{path}:{row_no}") from None
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise UserError("expected normalized 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1", f"{path}:{row_no}")
+            label = row["label"]
+            if label not in BY_NAME:
+                raise UserError(f"unknown label {label!r}; expected a finding name such as Nodule", f"{path}:{row_no}")
+            groups.setdefault(row["image_id"], []).append({"label": label, "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    if not groups:
+        raise UserError("the boxes CSV has no rows", path)
+    return LayoutItems([f"explicit:{path.name}#{k}" for k in groups], list(groups.values()))
+
+
+def _masks_dir(root: Path) -> LayoutItems:
+    """`root/<Finding>/*.png`: each PNG is one lesion layout; its box is the mask's extent."""
+    from PIL import Image
+
+    if not root.is_dir():
+        raise UserError("no such masks folder", root)
+    refs, boxes = [], []
+    for path in sorted(root.glob("*/*.png")):
+        label = path.parent.name
+        if label not in BY_NAME:
+            raise UserError(f"folder {label!r} is not a finding name (expected e.g. {root.name}/Nodule/*.png)", path.parent)
+        try:
+            mask = np.asarray(Image.open(path).convert("L")) > 0
+        except OSError as e:
+            raise UserError(f"not a readable PNG ({e})", path) from None
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            raise UserError("the mask is empty", path)
+        h, w = mask.shape
+        refs.append(f"explicit:{path.relative_to(root).as_posix()}")
+        boxes.append([{"label": label, "x0": xs.min() / w, "y0": ys.min() / h, "x1": (xs.max() + 1) / w, "y1": (ys.max() + 1) / h}])
+    if not refs:
+        raise UserError("no <Finding>/*.png masks found", root)
+    return LayoutItems(refs, boxes)

@@ -1,0 +1,87 @@
+"""Vectorised sampling of demographics and findings from a cohort's distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from scipy.special import ndtr, ndtri
+
+from ..recipe.schema import Age, Cohort, parse_age_bin
+from ..recipe.vocabulary import BY_NAME, LATERAL_FINDINGS, NO_FINDING, SEVERITIES, SEVERITY_FINDINGS
+from ..recipe.vocabulary import FINDINGS as VOCAB
+from . import rng
+
+
+def category_index(weights: dict[str, float], u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw: for each uniform in `u`, the index of the chosen category."""
+    cdf = np.cumsum(np.fromiter(weights.values(), dtype=np.float64))
+    cdf /= cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(weights) - 1)
+
+
+def categorical(weights: dict[str, float], u: np.ndarray, present: np.ndarray | None = None) -> pa.Array:
+    """Inverse-CDF draw from `weights` → string array (null where `present` is False).
+
+    Built as a dictionary array and decoded, so no Python string is made per row.
+    """
+    idx = pa.array(category_index(weights, u).astype(np.int32), mask=None if present is None else ~present)
+    return pa.DictionaryArray.from_arrays(idx, pa.array(list(weights), pa.string())).cast(pa.string())
+
+
+def ages(spec: Age, u: np.ndarray, u2: np.ndarray) -> np.ndarray:
+    """Integer ages in years (int16)."""
+    if spec.fixed is not None:
+        out = np.full(u.shape, spec.fixed, dtype=np.float64)
+    elif spec.range is not None:
+        lo, hi = spec.range
+        out = np.floor(lo + u * (hi - lo + 1))
+    elif spec.mean is not None:
+        # Truncated normal by inverse CDF: map u into [Phi(a), Phi(b)] then invert.
+        a = ndtr((spec.min - 0.5 - spec.mean) / spec.sd)
+        b = ndtr((spec.max + 0.5 - spec.mean) / spec.sd)
+        out = np.rint(spec.mean + spec.sd * ndtri(a + u * (b - a)))
+        out = np.clip(out, spec.min, spec.max)
+    else:
+        assert spec.bins is not None
+        idx = category_index(spec.bins, u)
+        lo, hi = np.array([parse_age_bin(k) for k in spec.bins], dtype=np.float64).T
+        out = np.floor(lo[idx] + u2 * (hi[idx] - lo[idx] + 1))
+    return out.astype(np.int16)
+
+
+def default_laterality(name: str) -> dict[str, float]:
+    allowed = BY_NAME[name].laterality
+    if "bilateral" in allowed:  # one-sided findings are the commoner presentation
+        return {"left": 0.4, "right": 0.4, "bilateral": 0.2}
+    return {k: 1.0 / len(allowed) for k in allowed}
+
+
+DEFAULT_SEVERITY = {s: 1.0 / len(SEVERITIES) for s in SEVERITIES}
+
+
+def findings(cohort: Cohort, key: int, index: np.ndarray) -> dict[str, np.ndarray | pa.Array]:
+    """0/1 columns for every vocabulary finding plus `<Finding>.laterality/.severity` columns."""
+    n = len(index)
+    cols: dict[str, np.ndarray | pa.Array] = {f.name: np.zeros(n, dtype=np.int8) for f in VOCAB}
+    for name in LATERAL_FINDINGS:
+        cols[f"{name}.laterality"] = pa.nulls(n, pa.string())
+    for name in SEVERITY_FINDINGS:
+        cols[f"{name}.severity"] = pa.nulls(n, pa.string())
+    for name, spec in cohort.findings.items():
+        if name == NO_FINDING or spec.p <= 0:
+            continue
+        present = rng.uniform(key, index, f"finding:{name}") < spec.p
+        cols[name] = present.astype(np.int8)
+        finding = BY_NAME[name]
+        if finding.laterality:
+            cols[f"{name}.laterality"] = categorical(
+                spec.laterality or default_laterality(name), rng.uniform(key, index, f"lat:{name}"), present)
+        if finding.severity:
+            cols[f"{name}.severity"] = categorical(
+                spec.severity or DEFAULT_SEVERITY, rng.uniform(key, index, f"sev:{name}"), present)
+    any_finding = np.zeros(n, dtype=bool)
+    for f in VOCAB:
+        if f.name != NO_FINDING:
+            any_finding |= cols[f.name].astype(bool)
+    cols[NO_FINDING] = (~any_finding).astype(np.int8)
+    return cols

@@ -1,0 +1,224 @@
+"""Loading recipes from YAML with errors that point at file:line:column.
+
+ruamel.yaml's round-trip loader keeps the position of every key and value (and constructs no
+Python objects from tags, so it is as safe as a safe loader). Pydantic's error locations are
+walked through that tree to find the line to blame.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError
+
+from ..errors import UserError, located
+from .schema import Recipe, semantic_problems
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("no such recipe file", path) from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise UserError(f"cannot read the recipe ({type(e).__name__}); expected a UTF-8 YAML file", path) from None
+    recipe = parse_recipe(text, source=str(path))
+    recipe._base_dir = path.parent.resolve()
+    return recipe
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    tree = _parse_yaml(text, source)
+    try:
+        recipe = Recipe.model_validate(_plain(tree))
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        loc = tuple(first["loc"]) + (("[key]",) if first["type"] == "extra_forbidden" else ())
+        raise _problem(source, tree, loc, _message(first), len(errors) - 1) from None
+    problems = semantic_problems(recipe)
+    if problems:
+        loc, message = problems[0]
+        raise _problem(source, tree, loc, message, len(problems) - 1)
+    return recipe
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    yaml = YAML(typ="rt")
+    try:
+        tree = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = located(source, mark.line + 1, mark.column + 1) if mark else source
+        what = (e.problem or e.context or "invalid YAML").strip()
+        raise UserError(f"YAML syntax error: {what}", where) from None
+    if not isinstance(tree, dict):
+        raise UserError("expected a YAML mapping with name, cohorts, ... at the top level", located(source, 1, 1))
+    return tree
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's commented containers and scalar subclasses → plain Python values."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, bool) or node is None:
+        return node
+    for t in (int, float, str):
+        if isinstance(node, t):
+            return t(node)
+    return node
+
+
+# ---- locating and wording errors -------------------------------------------------------------
+
+
+def _problem(source: str, tree: Any, loc: tuple, message: str, more: int) -> UserError:
+    line, col = _position(tree, loc)
+    place = _dotted(loc)
+    text = f"{place}: {message}" if place else message
+    if more > 0:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return UserError(text, located(source, line, col))
+
+
+def _position(tree: Any, loc: tuple) -> tuple[int, int]:
+    """1-based line and column of the deepest node of `loc` that exists in the YAML tree."""
+    node, pos = tree, (0, 0)
+    parent, key = None, None
+    for part in loc:
+        if part == "[key]":
+            if parent is not None and hasattr(parent, "lc") and key in parent:
+                pos = parent.lc.key(key)
+            continue
+        if isinstance(node, dict) and hasattr(node, "lc"):
+            match = _key_in(node, part)
+            if match is None:
+                continue  # a union tag or a key pydantic added: stay on the parent
+            pos = node.lc.value(match) if not isinstance(node[match], (dict, list)) else node.lc.key(match)
+            parent, key, node = node, match, node[match]
+        elif isinstance(node, list) and hasattr(node, "lc") and isinstance(part, int) and part < len(node):
+            pos = node.lc.item(part)
+            parent, key, node = node, part, node[part]
+    return pos[0] + 1, pos[1] + 1
+
+
+def _key_in(mapping: dict, part: Any) -> Any:
+    from .vocabulary import ALIASES
+
+    if part in mapping:
+        return part
+    for k in mapping:  # a key the schema renamed (finding aliases) or typed (numbers)
+        if ALIASES.get(str(k)) == part or str(k) == str(part):
+            return k
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part)[:1].isupper() and " " not in str(part) and part in _MODEL_TAGS:
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+_MODEL_TAGS: set[str] = {"Age", "FindingSpec", "Layout", "ExplicitBox", "Demographics", "Output", "Cohort"}
+
+
+def _message(err: dict) -> str:
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    loc = err["loc"]
+    if kind == "extra_forbidden":
+        name = str(loc[-1])
+        allowed = _fields_at(Recipe, loc[:-1])
+        hint = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown key {name!r}{suggestion} (expected one of: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"missing required key {str(loc[-1])!r}"
+    if kind == "literal_error" and "[key]" in loc:
+        expected = err.get("ctx", {}).get("expected", "")
+        names = [s.strip().strip("'") for s in expected.replace(" or ", ", ").split(",")]
+        hint = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown finding {value!r}{suggestion} (expected one of: {', '.join(names)})"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    if kind == "assertion_error":
+        return msg.removeprefix("Assertion failed, ")
+    if msg.startswith("Input should be "):
+        msg = "expected " + msg.removeprefix("Input should be ")
+    return f"{msg}, got {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the model(s) found by following `loc` from `model` (for did-you-mean)."""
+    candidates: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for c in candidates:
+            for t in _unwrap(c):
+                if isinstance(t, type) and issubclass(t, BaseModel) and isinstance(part, str) and part in t.model_fields:
+                    nxt.append(t.model_fields[part].annotation)
+                elif typing.get_origin(t) in (list, tuple) and isinstance(part, int):
+                    nxt.extend(typing.get_args(t)[:1])
+                elif typing.get_origin(t) is dict:
+                    nxt.append(typing.get_args(t)[1])
+        candidates = nxt or candidates
+    names: list[str] = []
+    for c in candidates:
+        for t in _unwrap(c):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                names += [n for n in t.model_fields if n not in names]
+    return names
+
+
+def _unwrap(t: Any) -> list[Any]:
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return [u for a in typing.get_args(t) for u in _unwrap(a)]
+    return [t]
+
+
+# ---- writing and hashing -----------------------------------------------------------------------
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe (defaults filled, weights normalized) as plain data."""
+    return json.loads(recipe.model_dump_json(exclude_none=True))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False
+    buf = io.StringIO()
+    yaml.dump(recipe_dict(recipe), buf)
+    return buf.getvalue()
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest of a JSON-able object, independent of dict order and platform."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.blake2b(blob, digest_size=n).hexdigest()

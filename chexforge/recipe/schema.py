@@ -1,0 +1,358 @@
+"""The recipe schema (pydantic v2).
+
+A recipe is plain YAML; these models define what each key means, fill defaults and reject
+anything unknown. Shorthands keep recipes short: a finding may be `true` or a probability,
+a view or sex may be one value or a weighted mapping, an age may be a number, a `[lo, hi]`
+range, a normal distribution or weighted bins.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from .vocabulary import (
+    ALIASES,
+    ANATOMY,
+    BY_NAME,
+    FINDING_NAMES,
+    LATERALITIES,
+    NO_FINDING,
+    SEVERITIES,
+    SEXES,
+    VIEWS,
+)
+
+FindingName = Literal[FINDING_NAMES]  # type: ignore[valid-type]
+
+DEFAULT_PROMPT = "{view} chest radiograph of a {age}-year-old {sex_word}. {findings}"
+PROMPT_FIELDS = ("view", "age", "sex", "sex_word", "race", "findings", "cohort")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def as_distribution(value: Any, allowed: tuple[str, ...] | None, what: str) -> dict[str, float]:
+    """`"PA"` or `{"PA": 3, "AP": 1}` → normalized weights, checked against `allowed`."""
+    if isinstance(value, str):
+        value = {value: 1.0}
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"expected a {what} or a mapping of {what} to weights")
+    out: dict[str, float] = {}
+    for key, weight in value.items():
+        key = str(key)
+        if allowed is not None and key not in allowed:
+            raise ValueError(f"unknown {what} {key!r}; expected one of {', '.join(allowed)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"weight of {key!r} must be a number >= 0, got {weight!r}")
+        out[key] = float(weight)
+    total = sum(out.values())
+    if total <= 0:
+        raise ValueError(f"the {what} weights sum to 0")
+    return {k: w / total for k, w in out.items()}
+
+
+class Age(Strict):
+    """Exactly one of: `fixed`, `range` (uniform integers), `mean`/`sd` (truncated normal), `bins`."""
+
+    fixed: int | None = Field(None, ge=0, le=120)
+    range: tuple[int, int] | None = None
+    mean: float | None = Field(None, ge=0, le=120)
+    sd: float | None = Field(None, gt=0, le=60)
+    min: int = Field(18, ge=0, le=120)
+    max: int = Field(95, ge=0, le=120)
+    bins: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            raise ValueError("expected an age, a [lo, hi] range or a mapping")
+        if isinstance(data, (int, float)):
+            return {"fixed": int(data)}
+        if isinstance(data, (list, tuple)):
+            return {"range": data}
+        return data
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] <= v[1] <= 120):
+            raise ValueError(f"expected 0 <= lo <= hi <= 120, got {list(v)}")
+        return v
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        for key in v:
+            lo, hi = parse_age_bin(key)
+            if not (0 <= lo <= hi <= 120):
+                raise ValueError(f"age bin {key!r} is outside 0-120")
+        return as_distribution(v, None, "age bin")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Age:
+        forms = [f for f in ("fixed", "range", "mean", "bins") if getattr(self, f) is not None]
+        if len(forms) != 1:
+            raise ValueError(
+                "give the age as exactly one of: a number, a [lo, hi] range, "
+                "{mean, sd} or {bins}" + (f" (got {', '.join(forms)})" if forms else "")
+            )
+        if self.mean is not None and self.sd is None:
+            raise ValueError("an age with a mean needs an sd")
+        if self.min > self.max:
+            raise ValueError(f"age min {self.min} is above max {self.max}")
+        return self
+
+
+def parse_age_bin(key: str) -> tuple[int, int]:
+    """`"40-64"` → (40, 64); `"80+"` → (80, 100)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)|\+)\s*", str(key))
+    if not m:
+        raise ValueError(f"age bin {key!r} must look like '40-64' or '80+'")
+    lo = int(m.group(1))
+    return lo, int(m.group(2)) if m.group(2) else 100
+
+
+class Demographics(Strict):
+    sex: dict[str, float] = Field(default_factory=lambda: {"F": 0.5, "M": 0.5})
+    age: Age = Field(default_factory=lambda: Age(mean=60, sd=16, min=18, max=95))
+    race: dict[str, float] | None = None
+
+    @field_validator("sex", mode="before")
+    @classmethod
+    def _sex(cls, v: Any) -> dict[str, float]:
+        return as_distribution(v, SEXES, "sex")
+
+    @field_validator("race", mode="before")
+    @classmethod
+    def _race(cls, v: Any) -> dict[str, float] | None:
+        return None if v is None else as_distribution(v, None, "race")
+
+
+class FindingSpec(Strict):
+    p: float = Field(1.0, ge=0.0, le=1.0)
+    laterality: dict[str, float] | None = None
+    severity: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            return {"p": 1.0 if data else 0.0}
+        if isinstance(data, (int, float)):
+            return {"p": data}
+        return data
+
+    @field_validator("laterality", mode="before")
+    @classmethod
+    def _lat(cls, v: Any) -> dict[str, float] | None:
+        return None if v is None else as_distribution(v, LATERALITIES, "laterality")
+
+    @field_validator("severity", mode="before")
+    @classmethod
+    def _sev(cls, v: Any) -> dict[str, float] | None:
+        return None if v is None else as_distribution(v, SEVERITIES, "severity")
+
+
+class ExplicitBox(Strict):
+    label: str
+    box: tuple[float, float, float, float]
+
+    @field_validator("box")
+    @classmethod
+    def _box(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = v
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {list(v)}")
+        return v
+
+
+class Layout(Strict):
+    """Where a job's masks and boxes come from (DESIGN.md, "Layouts")."""
+
+    source: Literal["physics", "explicit", "prior"] = "physics"
+    boxes: list[ExplicitBox] | None = None  # explicit: the same boxes for every job
+    boxes_csv: Path | None = None  # explicit: image_id,label,x0,y0,x1,y1 rows, grouped by image_id
+    masks_dir: Path | None = None  # explicit: a folder of mask PNGs, one layout each
+    order: Literal["cycle", "sample"] = "cycle"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"source": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _explicit(self) -> Layout:
+        given = [n for n in ("boxes", "boxes_csv", "masks_dir") if getattr(self, n) is not None]
+        if self.source == "explicit" and not given:
+            raise ValueError("an explicit layout needs boxes, boxes_csv or masks_dir")
+        if self.source != "explicit" and given:
+            raise ValueError(f"{', '.join(given)} only apply to source: explicit")
+        return self
+
+
+class Cohort(Strict):
+    name: str
+    count: int = Field(ge=0, le=100_000_000)
+    view: dict[str, float] = Field(default_factory=lambda: {"PA": 1.0})
+    demographics: Demographics = Field(default_factory=Demographics)
+    findings: dict[FindingName, FindingSpec] = Field(default_factory=dict)
+    masks: list[str] = Field(default_factory=lambda: ["lungs", "heart"])
+    layout: Layout = Field(default_factory=Layout)
+    prompt: str = DEFAULT_PROMPT
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("a cohort name may hold letters, digits, '_', '-' and '.', and starts with a letter or digit")
+        return v
+
+    @field_validator("view", mode="before")
+    @classmethod
+    def _view(cls, v: Any) -> dict[str, float]:
+        return as_distribution(v, VIEWS, "view")
+
+    @field_validator("findings", mode="before")
+    @classmethod
+    def _aliases(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {ALIASES.get(str(k), k): spec for k, spec in v.items()}
+        return v
+
+    @field_validator("masks")
+    @classmethod
+    def _masks(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in ANATOMY:
+                raise ValueError(f"unknown anatomy mask {m!r}; expected one of {', '.join(ANATOMY)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        for field in re.findall(r"\{([^{}]*)\}", v):
+            if field not in PROMPT_FIELDS:
+                raise ValueError(f"unknown prompt field {{{field}}}; expected one of " + ", ".join("{%s}" % f for f in PROMPT_FIELDS))
+        return v
+
+
+class Output(Strict):
+    size: int = Field(256, ge=64, le=1024)
+    formats: list[Literal["png", "dicom"]] = Field(default_factory=lambda: ["png", "dicom"])
+    masks: bool = True
+    coco: bool = True
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"expected a multiple of 8, got {v}")
+        return v
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one image format: png, dicom")
+        return list(dict.fromkeys(v))
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    backend: str = "drr"
+    model: Path | None = None
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    output: Output = Field(default_factory=Output)
+    cohorts: list[Cohort] = Field(min_length=1)
+    _base_dir: Path | None = PrivateAttr(None)  # folder of the recipe file: relative paths start here
+
+    def resolve_path(self, p: Path | str) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() or self._base_dir is None else self._base_dir / p
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("a recipe name may hold letters, digits, '_', '-' and '.'")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from ..backends.registry import backend_names
+
+        if v not in backend_names():
+            raise ValueError(f"unknown backend {v!r}; expected one of {', '.join(backend_names())}")
+        return v
+
+    @property
+    def total(self) -> int:
+        return sum(c.count for c in self.cohorts)
+
+
+# ---- checks that need more than one field: each returns (location, message) pairs -------------
+
+
+def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Cross-field checks, each with the location (a pydantic-style loc) it is about."""
+    from ..backends.registry import backend_info  # pure data: no torch
+
+    problems: list[tuple[tuple, str]] = []
+    info = backend_info(recipe.backend)
+    if info.needs_model and recipe.model is None:
+        problems.append((("backend",), f"the {recipe.backend} backend needs `model: PATH` (a local model folder)"))
+    for key, message in info.check_options(recipe.backend_options):
+        problems.append((("backend_options", *key), message))
+    seen: set[str] = set()
+    for i, cohort in enumerate(recipe.cohorts):
+        if cohort.name in seen:
+            problems.append((("cohorts", i, "name"), f"cohort name {cohort.name!r} is used twice"))
+        seen.add(cohort.name)
+        if cohort.layout.source not in info.layouts:
+            problems.append((("cohorts", i, "layout"),
+                             f"the {recipe.backend} backend takes layouts {', '.join(info.layouts)}, not {cohort.layout.source!r}"))
+        for m in cohort.masks:
+            if m not in info.anatomy:
+                problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend cannot draw the {m!r} mask"))
+        for view in cohort.view:
+            if view not in info.views:
+                problems.append((("cohorts", i, "view"),
+                                 f"the {recipe.backend} backend renders views {', '.join(info.views)}, not {view!r}"))
+        problems += _finding_problems(cohort, i, info.findings, recipe.backend)
+    return problems
+
+
+def _finding_problems(cohort: Cohort, i: int, supported: tuple[str, ...], backend: str) -> list[tuple[tuple, str]]:
+    out: list[tuple[tuple, str]] = []
+    for name, spec in cohort.findings.items():
+        loc = ("cohorts", i, "findings", name)
+        finding = BY_NAME[name]
+        if spec.p > 0 and name not in supported:
+            out.append((loc + ("[key]",), f"the {backend} backend cannot render {name!r} yet; it renders {', '.join(supported)}"))
+        if spec.laterality is not None:
+            bad = [k for k in spec.laterality if k not in finding.laterality]
+            if bad:
+                allowed = ", ".join(finding.laterality) or "none"
+                out.append((loc + ("laterality",), f"{name} takes laterality {allowed}, not {', '.join(bad)}"))
+        if spec.severity is not None and not finding.severity:
+            out.append((loc + ("severity",), f"{name} takes no severity"))
+    nf = cohort.findings.get(NO_FINDING)
+    if nf is not None and nf.p > 0:
+        others = [n for n, s in cohort.findings.items() if n != NO_FINDING and s.p > 0]
+        if others:
+            out.append((("cohorts", i, "findings", NO_FINDING, "[key]"),
+                        f"'No Finding' contradicts {', '.join(others)} in the same cohort; "
+                        "leave it out: it is set on every job that has no other finding"))
+    return out

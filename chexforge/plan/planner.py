@@ -48,19 +48,20 @@ def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
     key = cohort_key(recipe, cohort)
     index = np.arange(n, dtype=np.uint64)
     demo = cohort.demographics
+    u = rng.Streams(key, n, sampling.stream_names(cohort))
 
     cols: dict[str, pa.Array] = {
         "job_id": rng.hex64(rng.bits(key, index, "id")),
         "cohort": pa.repeat(pa.scalar(cohort.name), n),
         "index": pa.array(index.astype(np.int64)),
         "seed": pa.array((rng.bits(key, index, "seed") >> np.uint64(1)).astype(np.int64)),
-        "view": sampling.categorical(cohort.view, rng.uniform(key, index, "view")),
-        "sex": sampling.categorical(demo.sex, rng.uniform(key, index, "sex")),
-        "age": pa.array(sampling.ages(demo.age, rng.uniform(key, index, "age"), rng.uniform(key, index, "age2"))),
-        "race": (sampling.categorical(demo.race, rng.uniform(key, index, "race"))
+        "view": sampling.categorical(cohort.view, u("view")),
+        "sex": sampling.categorical(demo.sex, u("sex")),
+        "age": pa.array(sampling.ages(demo.age, u("age"), u("age2"))),
+        "race": (sampling.categorical(demo.race, u("race"))
                  if demo.race else pa.nulls(n, pa.string())),
     }
-    finding_cols = sampling.findings(cohort, key, index)
+    finding_cols = sampling.findings(cohort, u, n)
     for name in FINDING_NAMES:
         cols[name] = pa.array(finding_cols[name])
     for name in LATERAL_FINDINGS:

@@ -1,9 +1,13 @@
-"""Counter-based random numbers: job i's draws depend only on (key, i, stream).
+"""Seeded draws for planning: job i's values depend only on (cohort key, i), never on the count.
 
-No global RNG state is used anywhere in planning. Because a draw is a pure function of the
-job's index, job 17 of a cohort is the same job whether the cohort asks for 20 or 20,000
-images, so raising a count and re-running only adds jobs. splitmix64 (Steele et al., 2014)
-is vectorised over numpy uint64 arrays; its wrap-around multiply is what we want.
+No global RNG state is used anywhere in planning, so job 17 of a cohort is the same job
+whether the cohort asks for 20 or 20,000 images, and raising a count only adds jobs.
+
+- `bits`/`uniform`: counter-based hashing (splitmix64, Steele et al. 2014, vectorised over
+  numpy uint64; its wrap-around multiply is what we want), for ids and seeds.
+- `Streams`: scrambled Sobol' points, one dimension per named attribute, for demographics and
+  findings. A Sobol' sequence is extensible and every prefix is evenly spread, so a cohort of
+  4 at 50 % female gets 2 women, not "4 with probability 1/16", while staying random.
 """
 
 from __future__ import annotations
@@ -41,6 +45,27 @@ def bits(key: int, index: np.ndarray, stream: int | str) -> np.ndarray:
 def uniform(key: int, index: np.ndarray, stream: int | str) -> np.ndarray:
     """Uniform floats in [0, 1), one per index."""
     return (bits(key, index, stream) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class Streams:
+    """Uniforms in [0, 1) for `n` jobs, one named stream per Sobol' dimension."""
+
+    def __init__(self, key: int, n: int, names: list[str]):
+        import warnings
+
+        from scipy.stats import qmc
+
+        self.names = list(dict.fromkeys(names))
+        if n == 0 or not self.names:
+            self.table = np.zeros((n, len(self.names)))
+            return
+        with warnings.catch_warnings():  # "n is not a power of 2": prefixes are still well spread
+            warnings.simplefilter("ignore")
+            sobol = qmc.Sobol(d=len(self.names), scramble=True, seed=np.random.default_rng(key))
+            self.table = sobol.random(n)
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.table[:, self.names.index(name)]
 
 
 _HEX = np.array([f"{i:02x}" for i in range(256)], dtype="S2")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr, ndtri
@@ -9,7 +11,6 @@ from scipy.special import ndtr, ndtri
 from ..recipe.schema import Age, Cohort, parse_age_bin
 from ..recipe.vocabulary import BY_NAME, LATERAL_FINDINGS, NO_FINDING, SEVERITIES, SEVERITY_FINDINGS
 from ..recipe.vocabulary import FINDINGS as VOCAB
-from . import rng
 
 
 def category_index(weights: dict[str, float], u: np.ndarray) -> np.ndarray:
@@ -59,9 +60,17 @@ def default_laterality(name: str) -> dict[str, float]:
 DEFAULT_SEVERITY = {s: 1.0 / len(SEVERITIES) for s in SEVERITIES}
 
 
-def findings(cohort: Cohort, key: int, index: np.ndarray) -> dict[str, np.ndarray | pa.Array]:
+def stream_names(cohort: Cohort) -> list[str]:
+    """The Sobol' dimensions a cohort draws from, in a fixed order."""
+    names = ["view", "sex", "race", "age", "age2"]
+    for name, spec in cohort.findings.items():
+        if name != NO_FINDING and spec.p > 0:
+            names += [f"finding:{name}", f"lat:{name}", f"sev:{name}"]
+    return names
+
+
+def findings(cohort: Cohort, u: Callable[[str], np.ndarray], n: int) -> dict[str, np.ndarray | pa.Array]:
     """0/1 columns for every vocabulary finding plus `<Finding>.laterality/.severity` columns."""
-    n = len(index)
     cols: dict[str, np.ndarray | pa.Array] = {f.name: np.zeros(n, dtype=np.int8) for f in VOCAB}
     for name in LATERAL_FINDINGS:
         cols[f"{name}.laterality"] = pa.nulls(n, pa.string())
@@ -70,15 +79,15 @@ def findings(cohort: Cohort, key: int, index: np.ndarray) -> dict[str, np.ndarra
     for name, spec in cohort.findings.items():
         if name == NO_FINDING or spec.p <= 0:
             continue
-        present = rng.uniform(key, index, f"finding:{name}") < spec.p
+        present = u(f"finding:{name}") < spec.p
         cols[name] = present.astype(np.int8)
         finding = BY_NAME[name]
         if finding.laterality:
             cols[f"{name}.laterality"] = categorical(
-                spec.laterality or default_laterality(name), rng.uniform(key, index, f"lat:{name}"), present)
+                spec.laterality or default_laterality(name), u(f"lat:{name}"), present)
         if finding.severity:
             cols[f"{name}.severity"] = categorical(
-                spec.severity or DEFAULT_SEVERITY, rng.uniform(key, index, f"sev:{name}"), present)
+                spec.severity or DEFAULT_SEVERITY, u(f"sev:{name}"), present)
     any_finding = np.zeros(n, dtype=bool)
     for f in VOCAB:
         if f.name != NO_FINDING:

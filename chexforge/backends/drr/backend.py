@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from ... import __version__
 from ..base import Sample
@@ -135,20 +136,14 @@ class DRRBackend:
         occ = (ins.occupancy >= 0.5).float().to(self.device)
         slabs = Slabs.from_xyz(occ, axis=1)
         path = joseph(slabs, src_v - offset, tgt_v - offset, lengths)[0]
-        return path.view(size, size) > MASK_MM
+        mask = ndi.binary_fill_holes((path.view(size, size) > MASK_MM).cpu().numpy())
+        return torch.from_numpy(mask).to(self.device)
 
     # ---- findings --------------------------------------------------------------------------
 
     def _findings(self, job: dict[str, Any], rng: np.random.Generator, masks: dict[str, torch.Tensor]) -> list[Insertion]:
+        """Insertions in a fixed order (heart, fluid, then lesions placed clear of both)."""
         out: list[Insertion] = []
-        for finding in ("Nodule", "Mass"):
-            if job.get(finding):
-                side = job.get(f"{finding}.laterality") or ("left" if rng.random() < 0.5 else "right")
-                out.append(self.inserter.lesion(finding, side, job.get(f"{finding}.severity"), rng))
-        if job.get("Effusion"):
-            lat = job.get("Effusion.laterality") or ("left" if rng.random() < 0.5 else "right")
-            for side in (("left", "right") if lat == "bilateral" else (lat,)):
-                out.append(self.inserter.effusion(side, job.get("Effusion.severity"), rng))
         if job.get("Cardiomegaly"):
             lo, hi = CTR_TARGET[job.get("Cardiomegaly.severity") or "moderate"]
             target = float(rng.uniform(lo, hi))
@@ -156,6 +151,21 @@ class DRRBackend:
             ins = self.inserter.enlarged_heart(max(1.0, target / max(now, 1e-3)))
             ins.meta["ctr_target"] = round(target, 3)
             out.append(ins)
+        if job.get("Effusion"):
+            lat = job.get("Effusion.laterality") or ("left" if rng.random() < 0.5 else "right")
+            for side in (("left", "right") if lat == "bilateral" else (lat,)):
+                out.append(self.inserter.effusion(side, job.get("Effusion.severity"), rng))
+        occupied = None
+        for finding in ("Mass", "Nodule"):
+            if job.get(finding):
+                if occupied is None:
+                    occupied = np.zeros(self.phantom.shape, dtype=bool)
+                    for ins in out:
+                        occupied[ins.box] |= ins.occupancy.numpy() >= 0.5
+                side = job.get(f"{finding}.laterality") or ("left" if rng.random() < 0.5 else "right")
+                ins = self.inserter.lesion(finding, side, job.get(f"{finding}.severity"), rng, occupied)
+                occupied[ins.box] |= ins.occupancy.numpy() >= 0.5
+                out.append(ins)
         return out
 
 

@@ -75,13 +75,22 @@ class Inserter:
 
     # ---- nodules and masses ----------------------------------------------------------------
 
-    def lesion(self, finding: str, side: str, severity: str | None, rng: np.random.Generator) -> Insertion:
+    def lesion(self, finding: str, side: str, severity: str | None, rng: np.random.Generator,
+               occupied: np.ndarray | None = None) -> Insertion:
+        """A nodule or mass in the `side` lung, clear of voxels already `occupied` by other findings."""
         lo, hi = (MASS_MM if finding == "Mass" else NODULE_MM)[severity or "moderate"]
         diameter = float(rng.uniform(lo, hi))
         radius = diameter / 2
         depth = self.inside_mm(side)
         need = min(radius * 0.8, 0.9 * float(depth.max()))
-        candidates = np.argwhere(depth >= need)
+        room = depth >= need
+        if occupied is not None:
+            # Stay a radius clear of earlier findings *as seen from the front* (x-z), so boxes on a
+            # frontal radiograph do not nest inside each other.
+            shadow = occupied.any(axis=1)
+            shadow = ndi.binary_dilation(shadow, iterations=int(np.ceil(radius / self.spacing.min())) + 1)
+            room &= ~shadow[:, None, :]
+        candidates = np.argwhere(room)
         if len(candidates) == 0:
             raise PlacementError(f"no room for a {diameter:.0f} mm {finding.lower()} in the {side} lung")
         center = candidates[rng.integers(len(candidates))].astype(np.float64)

@@ -1,0 +1,264 @@
+"""The chexforge command line: thin commands over the packages.
+
+Bad input (recipes, flags, label files, checkpoints) prints one line and exits with status 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(
+    name="chexforge",
+    help="A factory for labelled synthetic chest X-ray datasets.\n\n"
+    "Write a recipe (YAML: cohorts, findings, demographics, view, masks, boxes), then:\n\n"
+    "  chexforge validate recipe.yaml      check it\n\n"
+    "  chexforge plan recipe.yaml          see the jobs it expands to (a dry run)\n\n"
+    "  chexforge generate recipe.yaml      make the dataset (re-run to resume)\n\n"
+    "  chexforge inspect out/              counts and a contact sheet",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out_console = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"chexforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+# ---- validate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(recipes: list[Path] = typer.Argument(..., help="Recipe files (YAML).", show_default=False)) -> None:
+    """Check recipes: schema, vocabulary, and what the chosen backend can render.
+
+    Each problem is reported as FILE:LINE:COLUMN: place: what was expected. Exit status 2 if any
+    recipe is bad.
+    """
+    from .recipe import load_recipe
+
+    bad = 0
+    for path in recipes:
+        try:
+            r = load_recipe(path)
+        except UserError as e:
+            err.print(f"[red]✗[/red] {e.line()}", highlight=False, soft_wrap=True)
+            bad += 1
+            continue
+        out_console.print(f"[green]✓[/green] {path}: {r.name}, {len(r.cohorts)} cohort(s), {r.total} images, backend {r.backend}",
+                          highlight=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+# ---- plan -------------------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe file (YAML).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the job table here (Parquet)."),
+    show: int = typer.Option(0, "--show", help="Also print the first N jobs with their prompts."),
+) -> None:
+    """Expand a recipe into its jobs (a dry run): cohorts × counts, realised mix, estimated time.
+
+    The job table is deterministic: the same recipe gives the same file byte for byte. Run it
+    later with `chexforge generate --jobs JOBS --out OUT`.
+    """
+    from .plan import plan as make_plan
+    from .plan import write_jobs
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    jobs = make_plan(r)
+    _print_plan(jobs, r.backend)
+    if show:
+        t = Table("job_id", "cohort", "seed", "prompt", title=f"first {show} jobs")
+        for row in jobs.slice(0, show).select(["job_id", "cohort", "seed", "prompt"]).to_pylist():
+            t.add_row(row["job_id"], row["cohort"], str(row["seed"]), row["prompt"])
+        out_console.print(t)
+    if out is not None:
+        write_jobs(jobs, out)
+        out_console.print(f"wrote {jobs.num_rows} jobs to {out}")
+
+
+def _print_plan(jobs, backend: str) -> None:
+    from .plan.summary import cohort_summary, estimate_seconds
+
+    t = Table("cohort", "images", "views", "female", "age (median, range)", "findings (prevalence)", title="plan")
+    for c in cohort_summary(jobs):
+        views = ", ".join(f"{k} {v:.0%}" for k, v in c["views"].items())
+        findings = ", ".join(f"{k} {v:.0%}" for k, v in c["findings"].items()) or "none"
+        t.add_row(c["cohort"], str(c["count"]), views, f"{c['female']:.0%}", "{} ({}-{})".format(*c["age"]), findings)
+    out_console.print(t)
+    secs = estimate_seconds(jobs, backend)
+    if secs is not None:
+        out_console.print(f"{jobs.num_rows} images; about {_duration(secs)} on one CPU with the {backend} backend")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    recipe: Path | None = typer.Argument(None, help="Recipe file (YAML); or give --jobs.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; re-running resumes it)."),
+    jobs: Path | None = typer.Option(None, "--jobs", help="Run a job table written by `chexforge plan` instead of a recipe."),
+    limit: int | None = typer.Option(None, "--limit", min=0, help="Make at most N new images this run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete chexforge's earlier outputs in --out first."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Jobs per backend call (default: the backend's)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the jobs the manifest records as failed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report, write nothing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Generate a dataset: images (PNG/DICOM), masks, COCO boxes, manifest.parquet, dataset card.
+
+    Resumable: the manifest records what is done, so re-running the same command skips finished
+    images; a kill at any moment loses at most the batch in flight.
+    """
+    from .plan import plan as make_plan
+    from .plan import read_jobs
+    from .recipe import load_recipe
+    from .recipe.schema import Recipe
+    from .runtime import RunOptions, run
+
+    if (recipe is None) == (jobs is None):
+        raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
+    if jobs is not None:
+        table, recipe_json = read_jobs(jobs)
+        r = Recipe.model_validate(recipe_json)
+    else:
+        r = load_recipe(recipe)
+        table = make_plan(r)
+    if dry_run:
+        _print_plan(table, r.backend)
+        return
+    summary = run(table, r, out, RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size,
+                                             retry_failed=retry_failed, progress=progress))
+    done = summary.skipped + summary.generated + summary.failed
+    line = (f"{summary.generated} new image(s) in {summary.seconds:.1f} s ({summary.rate:.2f} img/s); "
+            f"{done}/{summary.planned} jobs done in {out}")
+    if summary.skipped:
+        line += f" ({summary.skipped} were already there)"
+    out_console.print(line, highlight=False)
+    if summary.failed:
+        err.print(f"[yellow]{summary.failed} job(s) failed[/yellow] (recorded in the manifest), e.g. {summary.errors[0]}",
+                  highlight=False)
+    if summary.interrupted:
+        err.print("interrupted: the batches in flight were committed; run the same command again to resume")
+        raise typer.Exit(130)
+
+
+# ---- inspect ----------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    out: Path = typer.Argument(..., help="An output folder of `chexforge generate`.", show_default=False),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Where to write the contact sheet (default OUT/contact_sheet.png)."),
+    n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
+) -> None:
+    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on."""
+    from . import atomic
+    from .export.contact_sheet import contact_sheet
+    from .export.manifest import read_manifest
+    from .plan.summary import label_counts
+
+    if not (out / "manifest.parquet").exists() and not (out / ".parts").is_dir():
+        raise UserError("no manifest.parquet here: not a chexforge output folder (or nothing generated yet)", out)
+    table = read_manifest(out)
+    import pyarrow.compute as pc
+
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    counts = label_counts(ok)
+    findings = sorted({f for c in counts.values() for f in c}, key=lambda f: (f == "No Finding", f))
+    t = Table("cohort", "images", *findings, title=f"{out}: {ok.num_rows} images, {table.num_rows - ok.num_rows} failed")
+    sizes = ok.group_by("cohort").aggregate([("job_id", "count")]).to_pylist()
+    total = {s["cohort"]: s["job_id_count"] for s in sizes}
+    for cohort, c in counts.items():
+        t.add_row(cohort, str(total.get(cohort, 0)), *[str(c.get(f, 0)) for f in findings])
+    out_console.print(t)
+    if ok.num_rows:
+        target = sheet or out / "contact_sheet.png"
+        atomic.write_bytes(target, contact_sheet(out, table, n=n, overlays=overlays))
+        out_console.print(f"contact sheet: {target}")
+
+
+# ---- backends ---------------------------------------------------------------------------------
+
+
+@app.command()
+def backends() -> None:
+    """List the generator backends and what each can render."""
+    from .backends.registry import BACKENDS
+
+    t = Table("backend", "what it is", "findings", "views", "masks", "layouts")
+    for b in BACKENDS.values():
+        t.add_row(b.name, b.summary, ", ".join(b.findings), ", ".join(b.views), ", ".join(b.anatomy), ", ".join(b.layouts))
+    out_console.print(t)
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in argv
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="chexforge", standalone_mode=False)
+        return int(result or 0)
+    except UserError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"chexforge: error: {e.line()}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except Exception as e:
+        # Click's usage errors (unknown option, bad value, missing argument), however typer ships click.
+        if _state["debug"] or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "chexforge"
+        err.print(f"{where}: error: {e.format_message()} (see {where} --help)", highlight=False, soft_wrap=True)
+        return int(getattr(e, "exit_code", 2) or 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""A contact sheet: a grid of generated images with their masks and boxes drawn on, captioned."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageDraw, ImageFont
+
+from .png import read_png
+
+ANATOMY_COLOURS = {"lungs": (60, 220, 90), "lung_left": (60, 220, 90), "lung_right": (60, 220, 90), "heart": (235, 70, 70)}
+LESION_COLOUR = (255, 210, 0)
+BOX_COLOURS = [(0, 160, 255), (255, 120, 0), (200, 80, 255), (0, 220, 220), (255, 60, 160)]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    m = mask.astype(bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def tile(out: Path, row: dict, size: int, overlays: bool = True) -> Image.Image:
+    image = read_png(out / row["image_png"]) if row.get("image_png") else _dicom_pixels(out / row["image_dicom"])
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, -1)
+    if overlays:
+        for m in row.get("masks") or []:
+            mask = read_png(out / m["path"])
+            colour = ANATOMY_COLOURS.get(m["name"], LESION_COLOUR)
+            rgb[_outline(mask)] = colour
+    im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    if overlays:
+        draw = ImageDraw.Draw(im)
+        labels = sorted({b["label"] for b in row.get("realised_boxes") or []})
+        for box in row.get("realised_boxes") or []:
+            colour = BOX_COLOURS[labels.index(box["label"]) % len(BOX_COLOURS)]
+            xy = [box["x0"] * size, box["y0"] * size, box["x1"] * size - 1, box["y1"] * size - 1]
+            draw.rectangle(xy, outline=colour, width=2)
+            draw.text((xy[0] + 2, max(0, xy[1] - 11)), box["label"], fill=colour, font=ImageFont.load_default())
+    return im
+
+
+def _dicom_pixels(path: Path) -> np.ndarray:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
+
+
+def caption(row: dict, findings: list[str]) -> str:
+    present = [f for f in findings if row.get(f)]
+    lat = [row.get(f"{f}.laterality") for f in present]
+    text = ", ".join(f"{f}{' ' + l if l else ''}" for f, l in zip(present, lat)) or "No Finding"
+    return f"{row['cohort']} · {row['view']} {row['sex']}{row['age']}\n{text}"
+
+
+def contact_sheet(out: Path, manifest: pa.Table, n: int = 24, tile_px: int = 256, columns: int = 6,
+                  overlays: bool = True) -> bytes:
+    """PNG bytes of up to `n` images, spread evenly over the cohorts."""
+    from ..recipe.vocabulary import FINDING_NAMES
+
+    ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).to_pylist()
+    picked = _spread(ok, n)
+    if not picked:
+        raise ValueError("no images to show")
+    columns = min(columns, len(picked))
+    rows = -(-len(picked) // columns)
+    cap = 30
+    sheet = Image.new("RGB", (columns * tile_px, rows * (tile_px + cap)), (18, 18, 18))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    findings = [f for f in FINDING_NAMES if f != "No Finding"]
+    for i, row in enumerate(picked):
+        x, y = (i % columns) * tile_px, (i // columns) * (tile_px + cap)
+        sheet.paste(tile(out, row, tile_px, overlays), (x, y))
+        draw.multiline_text((x + 4, y + tile_px + 2), caption(row, findings), fill=(230, 230, 230), font=font, spacing=2)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _spread(rows: list[dict], n: int) -> list[dict]:
+    """Round-robin over cohorts so every cohort shows up."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["cohort"], []).append(r)
+    out: list[dict] = []
+    while len(out) < n and any(by.values()):
+        for k in list(by):
+            if by[k] and len(out) < n:
+                out.append(by[k].pop(0))
+    return out

@@ -1,0 +1,68 @@
+"""Write one Sample's files and return its manifest row.
+
+Files are written atomically (temp + rename), each hashed as it is written. The row is only
+committed to the manifest after every file of the job is in place, so a file counted as done
+is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import atomic
+from ..backends.base import Sample
+from . import png
+from .dicom import dx_bytes
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def paths(job: dict[str, Any]) -> dict[str, str]:
+    cohort, job_id = slug(str(job["cohort"])), str(job["job_id"])
+    return {"png": f"images/{cohort}/{job_id}.png", "dicom": f"dicom/{cohort}/{job_id}.dcm",
+            "masks": f"masks/{cohort}/{job_id}"}
+
+
+def export_sample(out: Path, job: dict[str, Any], sample: Sample, formats: list[str], write_masks: bool,
+                  identity: dict[str, Any], seconds_generate: float, attempts: int = 1) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {**job, "backend": identity.get("backend"), "backend_version": identity.get("backend_version"),
+                           "model": identity.get("model"), "model_hash": identity.get("model_hash"),
+                           "sampler": json.dumps(identity.get("sampler", {}), sort_keys=True),
+                           "attempts": attempts, "seconds_generate": seconds_generate}
+    if sample.error is not None:
+        return {**row, "status": "failed", "error": sample.error, "masks": [], "realised_boxes": [],
+                "meta": json.dumps(sample.meta, sort_keys=True), "seconds_export": 0.0}
+    where = paths(job)
+    if "png" in formats:
+        row["image_png"] = where["png"]
+        row["sha256_png"] = atomic.write_bytes(out / where["png"], png.png16_bytes(sample.image))
+    if "dicom" in formats:
+        pixel_mm = (sample.meta.get("geometry") or {}).get("pixel_mm")
+        row["image_dicom"] = where["dicom"]
+        row["sha256_dicom"] = atomic.write_bytes(out / where["dicom"], dx_bytes(sample.image, job, pixel_mm, identity))
+    masks = []
+    if write_masks:
+        for name, mask in sorted(sample.masks.items()):
+            rel = f"{where['masks']}_{slug(name)}.png"
+            masks.append({"name": name, "path": rel, "sha256": atomic.write_bytes(out / rel, png.mask_bytes(np.asarray(mask)))})
+    row.update(status="ok", error=None, masks=masks, realised_boxes=sample.boxes,
+               meta=json.dumps(sample.meta, sort_keys=True, default=_jsonable),
+               seconds_export=time.perf_counter() - t0)
+    return row
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)

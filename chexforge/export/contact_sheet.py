@@ -58,7 +58,7 @@ def _dicom_pixels(path: Path) -> np.ndarray:
 def caption(row: dict, findings: list[str]) -> str:
     present = [f for f in findings if row.get(f)]
     lat = [row.get(f"{f}.laterality") for f in present]
-    text = ", ".join(f"{f}{' ' + l if l else ''}" for f, l in zip(present, lat)) or "No Finding"
+    text = ", ".join(f"{f} {side}" if side else f for f, side in zip(present, lat)) or "No Finding"
     return f"{row['cohort']} · {row['view']} {row['sex']}{row['age']}\n{text}"
 
 

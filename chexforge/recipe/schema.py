@@ -38,11 +38,13 @@ class Strict(BaseModel):
 
 
 def as_distribution(value: Any, allowed: tuple[str, ...] | None, what: str) -> dict[str, float]:
-    """`"PA"` or `{"PA": 3, "AP": 1}` → normalized weights, checked against `allowed`."""
+    """`"PA"`, `[PA, AP]` (equal weights) or `{"PA": 3, "AP": 1}` → normalized weights."""
     if isinstance(value, str):
         value = {value: 1.0}
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = {v: 1.0 for v in value}
     if not isinstance(value, dict) or not value:
-        raise ValueError(f"expected a {what} or a mapping of {what} to weights")
+        raise ValueError(f"expected a {what}, a list of them, or a mapping of {what} to weights")
     out: dict[str, float] = {}
     for key, weight in value.items():
         key = str(key)
@@ -241,7 +243,7 @@ class Cohort(Strict):
     def _prompt(cls, v: str) -> str:
         for field in re.findall(r"\{([^{}]*)\}", v):
             if field not in PROMPT_FIELDS:
-                raise ValueError(f"unknown prompt field {{{field}}}; expected one of " + ", ".join("{%s}" % f for f in PROMPT_FIELDS))
+                raise ValueError(f"unknown prompt field {{{field}}}; expected one of " + ", ".join(f"{{{f}}}" for f in PROMPT_FIELDS))
         return v
 
 

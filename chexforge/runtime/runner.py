@@ -146,8 +146,9 @@ def run(jobs: pa.Table, recipe: Recipe, out: Path, options: RunOptions | None = 
 
 def _generate(backend: Any, rows: list[dict]) -> list:
     """One batch; if the backend raises, retry job by job so one bad job fails alone."""
-    from ..backends.base import Sample
     import numpy as np
+
+    from ..backends.base import Sample
 
     try:
         return backend.generate(rows)
@@ -203,7 +204,14 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -73,7 +73,9 @@ class DRRBackend:
 
     # ---- one job ---------------------------------------------------------------------------
 
-    def render(self, job: dict[str, Any]) -> Sample:
+    def render(self, job: dict[str, Any], noise_seed: int | None = None) -> Sample:
+        """One radiograph. `noise_seed` (default: the job's seed) draws another quantum-noise
+        realisation of the very same exposure, e.g. to measure noise."""
         t0 = time.perf_counter()
         rng = np.random.default_rng(int(job["seed"]))
         size = int(job["size"])
@@ -105,7 +107,7 @@ class DRRBackend:
             meta["findings"].append({"finding": name, "side": ins.side, **ins.meta})
         meta["ctr"] = round(cardiothoracic_ratio(masks), 3)
 
-        gen = torch.Generator().manual_seed(int(job["seed"]) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen = torch.Generator().manual_seed(int(job["seed"] if noise_seed is None else noise_seed) & 0x7FFF_FFFF_FFFF_FFFF)
         log_signal = imaging.expose(integral, geom.pixel_mm, self.options.dose, self.options.scatter,
                                     self.options.blur_mm, gen)
         body = integral > 0.5

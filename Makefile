@@ -1,0 +1,65 @@
+# chexforge — make targets for people and CI pipelines.  `make help` lists them.
+#
+#   make demo                               set up, then generate recipes/quickstart.yaml into out/quickstart
+#   make test                               set up, then run the test suite
+#   make dataset RECIPE=r.yaml OUT=out/x    generate any recipe (re-run to resume)
+#   make plan RECIPE=r.yaml                 dry run: the jobs, the mix, the estimated time
+#   make validate                           check every recipe in recipes/
+#   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.chexforge-installed
+RECIPE ?= recipes/quickstart.yaml
+OUT    ?= out/$(basename $(notdir $(RECIPE)))
+ARGS   ?=
+
+.PHONY: help install demo test test-fast lint dataset plan validate inspect bench clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# diffdrr without its dependency list: that list pulls pyvista[all] for 3-D plots we never make.
+	$(BIN)/python -m pip install -q --no-deps "diffdrr>=0.4,<0.8"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv if missing and install chexforge into it
+
+demo: install  ## generate the quickstart dataset into out/quickstart and draw its contact sheet
+	$(BIN)/chexforge generate recipes/quickstart.yaml --out out/quickstart $(ARGS)
+	$(BIN)/chexforge inspect out/quickstart
+
+test: install  ## run the whole test suite
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install  ## the tests without the slow ones
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check chexforge tests bench
+
+dataset: install  ## generate RECIPE into OUT (resumable), e.g. make dataset RECIPE=recipes/effusion.yaml OUT=out/eff
+	$(BIN)/chexforge generate $(RECIPE) --out $(OUT) $(ARGS)
+
+plan: install  ## show the jobs RECIPE expands to and write $(OUT)/jobs.parquet
+	@mkdir -p $(OUT)
+	$(BIN)/chexforge plan $(RECIPE) --out $(OUT)/jobs.parquet $(ARGS)
+
+validate: install  ## check every recipe in recipes/
+	$(BIN)/chexforge validate recipes/*.yaml
+
+inspect: install  ## counts and a contact sheet for OUT
+	$(BIN)/chexforge inspect $(OUT)
+
+bench: install  ## run the benchmarks (prints ratios against baselines measured in the same run)
+	$(BIN)/python bench/plan_bench.py
+	$(BIN)/python bench/drr_bench.py
+	$(BIN)/python bench/export_bench.py
+
+clean:  ## remove generated outputs (keeps .venv)
+	rm -rf out .pytest_cache

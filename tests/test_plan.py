@@ -1,0 +1,165 @@
+"""Planner: deterministic, count-stable, and realises the requested proportions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from scipy import stats
+
+from chexforge.plan import plan, read_jobs, write_jobs
+from chexforge.plan.jobs import table_bytes
+from chexforge.recipe import load_recipe, parse_recipe
+
+from .conftest import ROOT
+
+RECIPE = """
+name: p
+seed: 11
+cohorts:
+  - name: mix
+    count: {n}
+    view: {{PA: 0.7, AP: 0.3}}
+    demographics:
+      sex: {{F: 0.3, M: 0.7}}
+      age: {{mean: 62, sd: 12, min: 20, max: 95}}
+      race: {{Asian: 0.2, Black: 0.3, White: 0.5}}
+    findings:
+      Effusion: {{p: 0.4, laterality: {{left: 0.5, right: 0.25, bilateral: 0.25}}, severity: small}}
+      Nodule: 0.15
+      Cardiomegaly: 0.25
+"""
+
+
+def recipe(n: int):
+    return parse_recipe(RECIPE.format(n=n))
+
+
+def test_same_recipe_same_bytes():
+    a, b = plan(recipe(500)), plan(recipe(500))
+    assert table_bytes(a) == table_bytes(b)
+
+
+def test_jobs_are_stable_when_the_count_grows():
+    small, big = plan(recipe(100)), plan(recipe(1000))
+    cols = [c for c in small.column_names]
+    assert small.slice(0, 100).select(cols).equals(big.slice(0, 100).select(cols))
+
+
+def test_seed_changes_everything():
+    a = plan(recipe(50))
+    b = plan(parse_recipe(RECIPE.format(n=50).replace("seed: 11", "seed: 12")))
+    assert not set(a.column("job_id").to_pylist()) & set(b.column("job_id").to_pylist())
+    assert a.column("seed").to_pylist() != b.column("seed").to_pylist()
+
+
+def test_ids_and_seeds_unique():
+    t = plan(recipe(20000))
+    assert len(set(t.column("job_id").to_pylist())) == t.num_rows
+    assert len(set(t.column("seed").to_pylist())) == t.num_rows
+
+
+@pytest.mark.parametrize("n", [40, 4000])
+def test_proportions_within_sampling_error(n):
+    """Each categorical mix passes a chi-square goodness-of-fit test; each prevalence a binomial test."""
+    df = plan(recipe(n)).to_pandas()
+    for col, want in [("view", {"PA": 0.7, "AP": 0.3}), ("sex", {"F": 0.3, "M": 0.7}),
+                      ("race", {"Asian": 0.2, "Black": 0.3, "White": 0.5})]:
+        counts = df[col].value_counts()
+        observed = np.array([counts.get(k, 0) for k in want])
+        assert stats.chisquare(observed, np.array(list(want.values())) * n).pvalue > 0.01, col
+    for finding, p in [("Effusion", 0.4), ("Nodule", 0.15), ("Cardiomegaly", 0.25)]:
+        assert stats.binomtest(int(df[finding].sum()), n, p).pvalue > 0.01, finding
+    eff = df[df["Effusion"] == 1]["Effusion.laterality"].value_counts()
+    observed = np.array([eff.get(k, 0) for k in ("left", "right", "bilateral")])
+    assert stats.chisquare(observed, np.array([0.5, 0.25, 0.25]) * observed.sum()).pvalue > 0.01
+    assert set(df.loc[df["Effusion"] == 1, "Effusion.severity"]) == {"small"}
+    assert df.loc[df["Effusion"] == 0, "Effusion.laterality"].isna().all()
+
+
+def test_small_cohorts_get_exact_mixes():
+    """Sobol' draws: 4 jobs at 50 % female are 2 and 2 (independent draws would be all-F 1 time in 8)."""
+    r = parse_recipe("""
+name: s
+cohorts:
+  - {name: a, count: 4, demographics: {sex: {F: 1, M: 1}}}
+  - {name: b, count: 8, findings: {Nodule: 0.5}}
+""")
+    t = plan(r).to_pandas()
+    assert (t[t.cohort == "a"].sex == "F").sum() == 2
+    assert t[t.cohort == "b"].Nodule.sum() == 4
+
+
+def test_age_distribution():
+    df = plan(recipe(4000)).to_pandas()
+    assert df.age.between(20, 95).all()
+    assert abs(df.age.mean() - 62) < 1.0 and abs(df.age.std() - 12) < 1.0
+
+
+def test_no_finding_is_derived():
+    df = plan(recipe(2000)).to_pandas()
+    others = df[["Effusion", "Nodule", "Cardiomegaly"]].sum(axis=1)
+    assert ((others == 0) == (df["No Finding"] == 1)).all()
+
+
+def test_prompts_read_like_reports():
+    r = parse_recipe("""
+name: t
+cohorts:
+  - name: a
+    count: 30
+    view: PA
+    demographics: {sex: F, age: 67}
+    findings: {Effusion: {laterality: left, severity: moderate}}
+  - name: b
+    count: 3
+    view: AP
+    demographics: {sex: M, age: 84}
+""")
+    t = plan(r)
+    prompts = t.column("prompt").to_pylist()
+    assert prompts[0] == "PA chest radiograph of a 67-year-old woman. Moderate left pleural effusion."
+    assert prompts[-1] == "AP chest radiograph of an 84-year-old man. No acute cardiopulmonary abnormality."
+
+
+def test_explicit_boxes_cycle_and_set_findings(tmp_path):
+    """Layouts are planner data: checked here on the schema alone (the DRR backend only takes physics)."""
+    from chexforge.recipe.schema import Recipe
+
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("image_id,label,x0,y0,x1,y1\nA,Nodule,0.1,0.1,0.2,0.2\nB,Mass,0.5,0.5,0.8,0.8\nB,Nodule,0.1,0.6,0.15,0.65\n")
+    r = Recipe.model_validate({"name": "t", "cohorts": [
+        {"name": "a", "count": 4, "layout": {"source": "explicit", "boxes_csv": str(csv)}}]})
+    df = plan(r).to_pandas()
+    assert list(df.mask_ref) == ["explicit:boxes.csv#A", "explicit:boxes.csv#B"] * 2
+    assert [len(b) for b in df.boxes] == [1, 2, 1, 2]
+    assert list(df.Nodule) == [1, 1, 1, 1] and list(df.Mass) == [0, 1, 0, 1]
+    assert (df["No Finding"] == 0).all()
+
+
+def test_bad_boxes_csv_names_the_row(tmp_path):
+    from chexforge.errors import UserError
+    from chexforge.recipe.schema import Recipe
+
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("image_id,label,x0,y0,x1,y1\nA,Nodule,0.1,0.1,0.2,0.2\nB,Mass,0.9,0.5,0.8,0.8\n")
+    r = Recipe.model_validate({"name": "t", "cohorts": [
+        {"name": "a", "count": 4, "layout": {"source": "explicit", "boxes_csv": str(csv)}}]})
+    with pytest.raises(UserError, match=r"boxes.csv:3: expected normalized"):
+        plan(r)
+
+
+def test_jobs_file_round_trip(tmp_path):
+    t = plan(recipe(10))
+    write_jobs(t, tmp_path / "jobs.parquet")
+    back, meta = read_jobs(tmp_path / "jobs.parquet")
+    assert back.equals(t.select(back.column_names))
+    assert meta["name"] == "p"
+
+
+def test_quickstart_plan_matches_its_cohorts():
+    r = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    t = plan(r)
+    assert t.num_rows == 16
+    eff = t.filter(pc.equal(t.column("cohort"), "effusion"))
+    assert pc.all(pc.equal(eff.column("Effusion"), 1)).as_py()

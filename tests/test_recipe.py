@@ -1,0 +1,124 @@
+"""Recipe schema and loader: good recipes load, each class of mistake gets one located line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from chexforge.errors import UserError
+from chexforge.recipe import load_recipe, parse_recipe, recipe_to_yaml
+
+from .conftest import ROOT, write
+
+GOOD = """
+name: t
+seed: 1
+cohorts:
+  - name: a
+    count: 10
+    view: {PA: 3, AP: 1}
+    demographics:
+      sex: F
+      age: {mean: 60, sd: 10, min: 30, max: 90}
+      race: {Asian: 1, Black: 1, White: 2}
+    findings:
+      Effusion: {p: 0.5, laterality: [left]}
+"""
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    r = load_recipe(path)
+    assert r.total > 0
+
+
+def test_defaults_and_normalisation(tmp_path):
+    text = GOOD.replace("laterality: [left]", "laterality: left")
+    r = load_recipe(write(tmp_path, text))
+    c = r.cohorts[0]
+    assert c.view == {"PA": 0.75, "AP": 0.25}
+    assert c.demographics.sex == {"F": 1.0}
+    assert c.findings["Effusion"].laterality == {"left": 1.0}
+    assert r.output.size == 256 and r.output.formats == ["png", "dicom"]
+    assert c.masks == ["lungs", "heart"]
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD.replace("laterality: [left]", "laterality: left")))
+    again = parse_recipe(recipe_to_yaml(r))
+    assert again.model_dump() == r.model_dump()
+
+
+def test_shorthands(tmp_path):
+    r = load_recipe(write(tmp_path, """
+        name: s
+        cohorts:
+          - name: a
+            count: 3
+            demographics: {age: 70}
+            findings: {Nodule: true, Mass: 0.25, Pleural Effusion: {severity: small}}
+          - name: b
+            count: 3
+            demographics: {age: [20, 40]}
+          - name: c
+            count: 3
+            demographics: {age: {bins: {"18-39": 1, "80+": 1}}}
+    """))
+    a, b, c = r.cohorts
+    assert a.demographics.age.fixed == 70
+    assert a.findings["Nodule"].p == 1.0 and a.findings["Mass"].p == 0.25
+    assert "Effusion" in a.findings  # alias of "Pleural Effusion"
+    assert b.demographics.age.range == (20, 40)
+    assert c.demographics.age.bins == {"18-39": 0.5, "80+": 0.5}
+
+
+# Each bad recipe: (what to change in GOOD, line:col expected, words the message must hold)
+BAD = [
+    ("syntax", GOOD.replace("count: 10", "count: [10"), r":\d+:\d+: YAML syntax error"),
+    ("unknown key", GOOD.replace("    view:", "    veiw:"), r":6:5: cohorts\[0\].veiw: unknown key 'veiw'; did you mean 'view'\?"),
+    ("unknown nested key", GOOD.replace("sex: F", "sexx: F"), r":8:7: cohorts\[0\].demographics.sexx: unknown key 'sexx'; did you mean 'sex'\?"),
+    ("wrong type", GOOD.replace("count: 10", "count: ten"), r":5:12: cohorts\[0\].count: expected a valid integer"),
+    ("out of range", GOOD.replace("seed: 1", "seed: -3"), r":2:7: seed: expected greater than or equal to 0"),
+    ("unknown finding", GOOD.replace("Effusion:", "Efusion:"), r":12:7: cohorts\[0\].findings.Efusion: unknown finding 'Efusion'; did you mean 'Effusion'\?"),
+    ("bad laterality", GOOD.replace("laterality: [left]", "laterality: up"), r":12:\d+: cohorts\[0\].findings.Effusion.laterality: unknown laterality 'up'"),
+    ("bad sex", GOOD.replace("sex: F", "sex: X"), r":8:\d+: cohorts\[0\].demographics.sex: unknown sex 'X'; expected one of F, M"),
+    ("probability", GOOD.replace("p: 0.5", "p: 1.5"), r":12:\d+: cohorts\[0\].findings.Effusion.p: expected less than or equal to 1"),
+    ("missing key", GOOD.replace("    count: 10\n", ""), r":4:5: cohorts\[0\].count: missing required key 'count'"),
+    ("age forms", GOOD.replace("age: {mean: 60, sd: 10, min: 30, max: 90}", "age: {mean: 60}"), r"cohorts\[0\].demographics.age: an age with a mean needs an sd"),
+    ("backend cannot", GOOD.replace("Effusion:", "Pneumonia:").replace("laterality: [left]", "laterality: left"),
+     r":12:7: cohorts\[0\].findings.Pneumonia: the drr backend cannot render 'Pneumonia' yet"),
+    ("unknown backend", GOOD.replace("seed: 1", "seed: 1\nbackend: gan"), r":3:10: backend: unknown backend 'gan'"),
+    ("backend option", GOOD.replace("seed: 1", "seed: 1\nbackend_options: {dose: -1}"), r"backend_options.dose: .*greater than 0.05"),
+    ("duplicate cohort", GOOD + GOOD[GOOD.index("  - name: a"):], r"cohorts\[1\].name: cohort name 'a' is used twice"),
+    ("no finding contradiction", GOOD.replace("findings:\n", "findings:\n      No Finding: true\n"),
+     r"'No Finding' contradicts Effusion"),
+    ("prompt field", GOOD.replace("    view:", "    prompt: '{age} {colour}'\n    view:"), r"unknown prompt field \{colour\}"),
+    ("not a mapping", "- just\n- a list\n", r":1:1: expected a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("label,text,pattern", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipes_point_at_the_place(tmp_path, label, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    line = info.value.line()
+    assert "\n" not in line
+    assert line.startswith(str(path)), line
+    assert re.search(pattern, line), line
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, GOOD.replace("Effusion:", "Efusion:"))
+    proc = subprocess.run([sys.executable, "-m", "chexforge.cli", "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "did you mean 'Effusion'" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")

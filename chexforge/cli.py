@@ -55,8 +55,7 @@ def _main(
 def validate(recipes: list[Path] = typer.Argument(..., help="Recipe files (YAML).", show_default=False)) -> None:
     """Check recipes: schema, vocabulary, and what the chosen backend can render.
 
-    Each problem is reported as FILE:LINE:COLUMN: place: what was expected. Exit status 2 if any
-    recipe is bad.
+    Each problem is reported as FILE:LINE:COLUMN: place: what was expected. Exit status 2 if any recipe is bad.
     """
     from .recipe import load_recipe
 
@@ -85,8 +84,7 @@ def plan(
 ) -> None:
     """Expand a recipe into its jobs (a dry run): cohorts × counts, realised mix, estimated time.
 
-    The job table is deterministic: the same recipe gives the same file byte for byte. Run it
-    later with `chexforge generate --jobs JOBS --out OUT`.
+    The job table is deterministic: the same recipe gives the same file byte for byte. Run it later with `chexforge generate --jobs JOBS --out OUT`.
     """
     from .plan import plan as make_plan
     from .plan import write_jobs
@@ -144,8 +142,9 @@ def generate(
 ) -> None:
     """Generate a dataset: images (PNG/DICOM), masks, COCO boxes, manifest.parquet, dataset card.
 
-    Resumable: the manifest records what is done, so re-running the same command skips finished
-    images; a kill at any moment loses at most the batch in flight.
+    Resumable: the manifest records what is done, so re-running the same command skips finished images; a kill at any moment loses at most the batch in flight.
+
+    Examples: [bold]chexforge generate recipes/quickstart.yaml --out out/q[/bold] · [bold]chexforge generate --jobs jobs.parquet --out out/q --limit 100[/bold]
     """
     from .plan import plan as make_plan
     from .plan import read_jobs
@@ -190,7 +189,8 @@ def inspect(
     n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
 ) -> None:
-    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on."""
+    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on.
+    """
     from . import atomic
     from .export.contact_sheet import contact_sheet
     from .export.manifest import read_manifest
@@ -221,7 +221,8 @@ def inspect(
 
 @app.command()
 def backends() -> None:
-    """List the generator backends and what each can render."""
+    """List the generator backends and what each can render.
+    """
     from .backends.registry import BACKENDS
 
     t = Table("backend", "what it is", "findings", "views", "masks", "layouts")

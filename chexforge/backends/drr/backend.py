@@ -82,7 +82,8 @@ class DRRBackend:
         geom = sample_geometry(job["view"], size, job, self.phantom, rng, self.options.variation)
         src, tgt, lengths, vox_from_world = self._rays(geom)
 
-        anatomy = self._project(self.anatomy, src, tgt, lengths).view(3, size, size) > MASK_MM
+        paths = (self._project(self.anatomy, src, tgt, lengths).view(3, size, size) > MASK_MM).cpu().numpy()
+        anatomy = [torch.from_numpy(ndi.binary_fill_holes(p)).to(self.device) for p in paths]
         masks = {"lung_left": anatomy[0], "lung_right": anatomy[1], "heart": anatomy[2]}
         insertions = self._findings(job, rng, masks)
         volume = self.mu

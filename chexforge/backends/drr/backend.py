@@ -195,4 +195,5 @@ def _box(mask: np.ndarray) -> dict | None:
     if len(xs) == 0:
         return None
     h, w = mask.shape
-    return {"x0": xs.min() / w, "y0": ys.min() / h, "x1": (xs.max() + 1) / w, "y1": (ys.max() + 1) / h}
+    return {"x0": float(xs.min() / w), "y0": float(ys.min() / h), "x1": float((xs.max() + 1) / w),
+            "y1": float((ys.max() + 1) / h)}

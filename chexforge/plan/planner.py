@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..recipe.loader import recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe
@@ -92,8 +93,6 @@ def _mark_layout_findings(cols: dict[str, pa.Array], boxes: pa.Array) -> dict[st
     flat = boxes.flatten()
     if len(flat) == 0:
         return cols
-    import pyarrow.compute as pc
-
     parent = pc.list_parent_indices(boxes).to_numpy()
     labels = flat.field("label").to_numpy(zero_copy_only=False)
     n = len(boxes)

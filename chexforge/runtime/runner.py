@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import atomic
+from ..backends.base import Sample
 from ..backends.registry import load_backend
 from ..errors import UserError
 from ..export import manifest as mf
@@ -144,12 +146,8 @@ def run(jobs: pa.Table, recipe: Recipe, out: Path, options: RunOptions | None = 
     return summary
 
 
-def _generate(backend: Any, rows: list[dict]) -> list:
+def _generate(backend: Any, rows: list[dict]) -> list[Sample]:
     """One batch; if the backend raises, retry job by job so one bad job fails alone."""
-    import numpy as np
-
-    from ..backends.base import Sample
-
     try:
         return backend.generate(rows)
     except (MemoryError, KeyboardInterrupt):

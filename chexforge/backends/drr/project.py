@@ -38,12 +38,11 @@ class Slabs:
 
     def xyz(self, channel: int = 0) -> torch.Tensor:
         """A (X, Y, Z) *view* of one channel, for writing findings into the volume."""
-        v = self.data[:, channel]
-        order = [0, 0, 0]
-        order[self.axis] = 0
+        # Stored dims are (axis, others[0], others[1]); put each world axis back in place.
         others = [a for a in range(3) if a != self.axis]
+        order = [0, 0, 0]
         order[others[0]], order[others[1]] = 1, 2
-        return v.permute(*order)
+        return self.data[:, channel].permute(*order)
 
     def clone(self) -> Slabs:
         return Slabs(self.data.clone(), self.axis)

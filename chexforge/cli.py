@@ -216,6 +216,126 @@ def inspect(
         out_console.print(f"contact sheet: {target}")
 
 
+# ---- models -----------------------------------------------------------------------------------
+
+models_app = typer.Typer(help="Make, inspect and import diffusion models (local folders only).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("init")
+def models_init(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the new model to."),
+    preset: str = typer.Option("tiny", "--preset", help="Transformer size: tiny (64 px, CPU), small (256 px), chexgen-xl, chexgen-xl-control."),
+    text: str = typer.Option("tiny", "--text", help="open_clip text tower: a preset (tiny, small) or an open_clip config name (ViT-B-16)."),
+    text_weights: Path | None = typer.Option(None, "--text-weights", help="Local open_clip checkpoint for the text tower."),
+    vae: str = typer.Option("tiny", "--vae", help="tiny, sd (random SD-shaped) or a local diffusers AutoencoderKL folder."),
+    control_blocks: int | None = typer.Option(None, "--control-blocks", min=0, help="Copied blocks in the control branch (0 = none)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Create a randomly initialised chexforge pipeline to train with `chexforge train`."""
+    from .models.build import init_pipeline
+
+    pipe = init_pipeline(preset, text, text_weights, vae, control_blocks, seed)
+    pipe.save(out)
+    out_console.print(f"wrote a {preset} pipeline to {out} (weights hash {pipe.parameters_hash()})")
+
+
+@models_app.command("info")
+def models_info(path: Path = typer.Argument(..., help="A model folder.", show_default=False)) -> None:
+    """Say what a model folder is (chexforge pipeline or diffusers pipeline) and which guidance it supports."""
+    from .models.build import describe
+
+    info = describe(path)
+    t = Table(show_header=False, title=str(path))
+    for k, v in info.items():
+        if k == "components":
+            for name, text in v.items():
+                t.add_row(f"  {name}", text)
+        elif k != "folder":
+            t.add_row(k, str(v))
+    out_console.print(t)
+
+
+@models_app.command("import-chexgen")
+def models_import_chexgen(
+    ckpt: Path = typer.Argument(..., help="ChexGen .pth checkpoint (state_dict / state_dict_ema).", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the pipeline to."),
+    t5: Path = typer.Option(..., "--t5", help="Local T5 encoder folder (transformers layout, with its tokenizer)."),
+    vae: Path = typer.Option(..., "--vae", help="Local diffusers AutoencoderKL folder (the SD VAE ChexGen uses)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Convert the EMA weights (default) or the raw ones."),
+    heads: int = typer.Option(16, "--heads", help="Attention heads (not stored in the checkpoint; DiT-XL/2 has 16)."),
+    pos_embed_scale: float | None = typer.Option(None, "--pos-embed-scale", help="Positional-embedding scale (found from the checkpoint when omitted)."),
+) -> None:
+    """Convert a ChexGen checkpoint (base or control) into a chexforge pipeline, strictly: every key used, every shape checked."""
+    from .models.convert_chexgen import import_chexgen
+
+    done = import_chexgen(ckpt, out, t5, vae, ema, heads, pos_embed_scale)
+    c = done.config
+    out_console.print(f"converted {done.source_keys} keys ({'EMA' if done.used_ema else 'raw'} weights): depth {c.depth}, "
+                      f"hidden {c.hidden}, {c.sample_size * 8}² images, pos-embed scale {c.interpolation_scale}, "
+                      f"{c.control_blocks} control blocks → {out}")
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    model: Path = typer.Option(..., "--model", help="Pipeline folder to start from (`chexforge models init` or an earlier run's model/)."),
+    data: Path = typer.Option(..., "--data", help="A chexforge manifest.parquet, or a CheXpert/MIMIC-style CSV."),
+    run: Path = typer.Option(..., "--run", help="Run folder: cache, checkpoints, and the trained model/. Re-running resumes."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Folder the CSV's image paths are relative to."),
+    steps: int = typer.Option(1000, "--steps", min=1, help="Total optimisation steps."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    lr: float = typer.Option(1e-4, "--lr", min=0),
+    ema: float = typer.Option(0.9999, "--ema", min=0, max=1, help="EMA decay of the exported weights."),
+    caption_dropout: float = typer.Option(0.1, "--caption-dropout", min=0, max=1),
+    save_every: int = typer.Option(500, "--save-every", min=1, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    freeze_base: bool = typer.Option(False, "--freeze-base", help="Train the control branch only."),
+    device: str = typer.Option("auto", "--device"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train (or fine-tune) a chexforge diffusion pipeline: cached VAE latents, AdamW, EMA, 10 % caption dropout, bf16 on GPU. Resumable: run the same command again after a stop or a kill."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from .models.pipeline import ChexforgePipeline
+    from .models.train import TrainConfig, latest_checkpoint
+    from .models.train import train as run_training
+
+    pipe = ChexforgePipeline.load(model)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, caption_dropout=caption_dropout,
+                      save_every=save_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                      freeze_base=freeze_base, device=device)
+    start = latest_checkpoint(run)
+    if start is not None:
+        out_console.print(f"resuming from {start.name}")
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), disable=not progress)
+    with bar:
+        cache_task = bar.add_task("caching", total=None, loss="")
+        train_task = bar.add_task("training", total=steps, loss="")
+
+        def on_cache(done: int, total: int) -> None:
+            bar.update(cache_task, completed=done, total=total)
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(train_task, completed=step, loss=f"loss {loss:.4f}")
+
+        losses = run_training(pipe, data, run, cfg, image_root, on_step, on_cache)
+    if losses:
+        k = max(1, min(50, len(losses) // 5))
+        out_console.print(f"loss: first {k} steps {sum(losses[:k]) / k:.4f} → last {k} steps {sum(losses[-k:]) / k:.4f}; "
+                          f"model with EMA weights in {run / 'model'}")
+
+
 # ---- backends ---------------------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ def test_defaults_and_normalisation(tmp_path):
     assert c.demographics.sex == {"F": 1.0}
     assert c.findings["Effusion"].laterality == {"left": 1.0}
     assert r.output.size == 256 and r.output.formats == ["png", "dicom"]
-    assert c.masks == ["lungs", "heart"]
+    assert c.masks is None  # the backend default (DRR: lungs, heart) applies at planning
 
 
 def test_resolved_recipe_round_trips(tmp_path):

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ..recipe.vocabulary import FINDING_NAMES
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -26,6 +28,7 @@ class BackendInfo:
     options_model: Callable[[], type[BaseModel]]
     factory: str  # "module:Class"
     needs_model: bool = False
+    default_anatomy: tuple[str, ...] = ()  # masks a cohort gets when it names none
     seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
 
     def options(self, raw: dict[str, Any]) -> BaseModel:
@@ -47,6 +50,12 @@ def _drr_options() -> type[BaseModel]:
     return DRROptions
 
 
+def _diffusion_options() -> type[BaseModel]:
+    from .diffusion.options import DiffusionOptions
+
+    return DiffusionOptions
+
+
 BACKENDS: dict[str, BackendInfo] = {
     "drr": BackendInfo(
         name="drr",
@@ -58,6 +67,20 @@ BACKENDS: dict[str, BackendInfo] = {
         options_model=_drr_options,
         factory="chexforge.backends.drr.backend:DRRBackend",
         seconds_per_image={"cpu": 0.6},
+        default_anatomy=("lungs", "heart"),
+    ),
+    "diffusion": BackendInfo(
+        name="diffusion",
+        summary="text-, mask- and box-guided latent diffusion transformer (ChexGen-style), or any "
+                "diffusers text-to-image pipeline, from a local model folder",
+        findings=FINDING_NAMES,
+        anatomy=(),
+        views=("PA", "AP", "LL"),
+        layouts=("explicit", "prior"),
+        options_model=_diffusion_options,
+        factory="chexforge.backends.diffusion.backend:DiffusionBackend",
+        needs_model=True,
+        seconds_per_image={"cpu": 2.0},
     ),
 }
 

@@ -103,7 +103,7 @@ def _masks_dir(root: Path) -> LayoutItems:
         if len(xs) == 0:
             raise UserError("the mask is empty", path)
         h, w = mask.shape
-        refs.append(f"explicit:{path.relative_to(root).as_posix()}")
+        refs.append(f"explicit:{path.resolve().as_posix()}")  # the backend reads it at generate time
         boxes.append([{"label": label, "x0": xs.min() / w, "y0": ys.min() / h, "x1": (xs.max() + 1) / w, "y1": (ys.max() + 1) / h}])
     if not refs:
         raise UserError("no <Finding>/*.png masks found", root)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..backends.registry import backend_info
 from ..recipe.loader import recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe
 from ..recipe.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
@@ -81,7 +82,8 @@ def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
     cols["layout"] = pa.repeat(pa.scalar(cohort.layout.source), n)
     cols["boxes"] = boxes
     cols["mask_ref"] = refs
-    cols["anatomy"] = _repeat_list(cohort.masks, n)
+    anatomy = cohort.masks if cohort.masks is not None else list(backend_info(recipe.backend).default_anatomy)
+    cols["anatomy"] = _repeat_list(anatomy, n)
     cols["size"] = pa.repeat(pa.scalar(recipe.output.size, pa.int16()), n)
     schema = job_schema()
     return pa.table([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)

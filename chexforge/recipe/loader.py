@@ -34,6 +34,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"cannot read the recipe ({type(e).__name__}); expected a UTF-8 YAML file", path) from None
     recipe = parse_recipe(text, source=str(path))
     recipe._base_dir = path.parent.resolve()
+    if recipe.model is not None:  # not part of any job id, so safe to make absolute for --jobs runs
+        recipe.model = recipe.resolve_path(recipe.model).resolve()
+        if not recipe.model.is_dir():
+            line = _position(_parse_yaml(text, str(path)), ("model",))
+            raise UserError("expected a local model folder here (no such folder)", located(path, *line))
     return recipe
 
 

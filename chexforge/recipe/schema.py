@@ -207,7 +207,7 @@ class Cohort(Strict):
     view: dict[str, float] = Field(default_factory=lambda: {"PA": 1.0})
     demographics: Demographics = Field(default_factory=Demographics)
     findings: dict[FindingName, FindingSpec] = Field(default_factory=dict)
-    masks: list[str] = Field(default_factory=lambda: ["lungs", "heart"])
+    masks: list[str] | None = None  # anatomy masks; None = the backend's default (DRR: lungs, heart)
     layout: Layout = Field(default_factory=Layout)
     prompt: str = DEFAULT_PROMPT
 
@@ -232,7 +232,9 @@ class Cohort(Strict):
 
     @field_validator("masks")
     @classmethod
-    def _masks(cls, v: list[str]) -> list[str]:
+    def _masks(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
         for m in v:
             if m not in ANATOMY:
                 raise ValueError(f"unknown anatomy mask {m!r}; expected one of {', '.join(ANATOMY)}")
@@ -273,7 +275,7 @@ class Recipe(Strict):
     description: str = ""
     seed: int = Field(0, ge=0, le=2**63 - 1)
     backend: str = "drr"
-    model: Path | None = None
+    model: Path | None = None  # a local model folder (diffusion); resolved against the recipe's folder
     backend_options: dict[str, Any] = Field(default_factory=dict)
     output: Output = Field(default_factory=Output)
     cohorts: list[Cohort] = Field(min_length=1)
@@ -325,7 +327,7 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         if cohort.layout.source not in info.layouts:
             problems.append((("cohorts", i, "layout"),
                              f"the {recipe.backend} backend takes layouts {', '.join(info.layouts)}, not {cohort.layout.source!r}"))
-        for m in cohort.masks:
+        for m in cohort.masks or ():
             if m not in info.anatomy:
                 problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend cannot draw the {m!r} mask"))
         for view in cohort.view:

@@ -115,7 +115,8 @@ def run(jobs: pa.Table, recipe: Recipe, out: Path, options: RunOptions | None = 
         _finish(out, order, recipe_json, recipe)
         return summary
 
-    backend = load_backend(recipe.backend, recipe.backend_options, size=recipe.output.size)
+    backend = load_backend(recipe.backend, recipe.backend_options, size=recipe.output.size,
+                           model=recipe.resolve_path(recipe.model) if recipe.model else None)
     identity = backend.identity()
     batch = options.batch_size or getattr(backend.options, "batch_size", 4)
     t_start = time.perf_counter()

@@ -36,7 +36,7 @@ def pick_device(name: str) -> torch.device:
 class DRRBackend:
     name = "drr"
 
-    def __init__(self, options: DRROptions, size: int = 256):
+    def __init__(self, options: DRROptions, size: int = 256, **_: Any):
         self.options = options
         self.device = pick_device(options.device)
         self.level = 1 if size <= 384 else 0

@@ -1,0 +1,1 @@
+"""The guided latent diffusion backend (ChexGen-style DiT with control branch, or any diffusers text-to-image pipeline)."""

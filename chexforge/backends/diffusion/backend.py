@@ -1,0 +1,155 @@
+"""The diffusion backend: jobs → prompts, control images and per-job generators → images.
+
+Two kinds of model folder run here:
+- a chexforge pipeline (ChexGen-style DiT, text + mask/box guidance; `chexforge models init`,
+  `train` or `import-chexgen` make one);
+- any diffusers text-to-image pipeline folder (RoentGen, Sana or PixArt-Σ fine-tunes): text only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import __version__
+from ...errors import UserError
+from ..base import Sample
+from .options import DiffusionOptions
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_kind(folder: Path) -> str:
+    """'chexforge' or 'diffusers' (a text-to-image pipeline), from model_index.json."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserError("no model_index.json: not a model folder (make one with `chexforge models init` or import one)", folder)
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise UserError(f"model_index.json is not valid JSON ({e.msg})", index) from None
+    return "chexforge" if name == "ChexforgePipeline" else "diffusers"
+
+
+class DiffusionBackend:
+    name = "diffusion"
+
+    def __init__(self, options: DiffusionOptions, size: int = 256, model: str | Path | None = None, **_: Any):
+        if model is None:
+            raise UserError("the diffusion backend needs `model: PATH` (a local model folder)")
+        self.options = options
+        self.size = size
+        self.folder = Path(model)
+        self.device = pick_device(options.device)
+        self.autocast = options.dtype == "bf16" or (options.dtype == "auto" and self.device.type == "cuda")
+        self.kind = model_kind(self.folder)
+        if self.kind == "chexforge":
+            from ...models.pipeline import ChexforgePipeline
+
+            self.pipe = ChexforgePipeline.load(self.folder, self.device)
+            if options.prefix is not None:
+                self.pipe.conditioning.prefix = options.prefix
+            if options.fused_qkv:
+                self.pipe.transformer.base.fuse_qkv_projections()
+            if options.compile:
+                self.pipe.transformer = torch.compile(self.pipe.transformer)
+            self.model_hash = self.pipe.parameters_hash()
+        else:
+            self.pipe = _load_diffusers(self.folder, self.device, self.autocast)
+            self.model_hash = _folder_hash(self.folder)
+
+    def identity(self) -> dict[str, Any]:
+        o = self.options
+        sampler = {"sampler": o.sampler, "steps": o.steps, "guidance_text": o.guidance_text,
+                   "guidance_control": o.guidance_control, "control_strength": o.control_strength,
+                   "autocast_bf16": self.autocast, "kind": self.kind}
+        if self.kind == "chexforge":
+            c = self.pipe.conditioning
+            sampler.update(prefix=c.prefix, guidance_text=o.guidance_text if o.guidance_text is not None else c.guidance_text)
+        return {"backend": "diffusion", "backend_version": __version__, "model": self.folder.name,
+                "model_hash": self.model_hash, "sampler": sampler}
+
+    def generate(self, jobs: list[dict[str, Any]]) -> list[Sample]:
+        generators = [torch.Generator().manual_seed(int(j["seed"]) & 0x7FFF_FFFF_FFFF_FFFF) for j in jobs]
+        size = int(jobs[0].get("size") or self.size)
+        if self.kind == "chexforge":
+            images, prompts, masks = self._guided(jobs, generators, size)
+        else:
+            prompts = [str(j.get("prompt") or "") for j in jobs]
+            images, masks = self._text_only(prompts, generators, size), [{} for _ in jobs]
+        out = []
+        for job, image, prompt, m in zip(jobs, images, prompts, masks):
+            meta = {"prompt_used": prompt, "seed": int(job["seed"])}
+            out.append(Sample(job["job_id"], np.ascontiguousarray(image, dtype=np.float32), m, list(job.get("boxes") or []), meta))
+        return out
+
+    def _guided(self, jobs, generators, size):
+        from ...models import control_image
+
+        o = self.options
+        prompts = self.pipe.prompts_for(jobs)
+        masks = [_layout_masks(j) for j in jobs]
+        control = None
+        if self.pipe.transformer.control is not None:
+            control = control_image.to_tensor([control_image.draw(size, j.get("boxes"), m) for j, m in zip(jobs, masks)])
+        images = self.pipe.sample(prompts, generators, size, control=control, steps=o.steps, sampler=o.sampler,
+                                  guidance_text=o.guidance_text, guidance_control=o.guidance_control,
+                                  control_strength=o.control_strength, vae_slice=o.vae_slice, autocast=self.autocast)
+        return images, prompts, masks
+
+    def _text_only(self, prompts, generators, size):
+        o = self.options
+        kwargs = {"prompt": prompts, "generator": generators, "height": size, "width": size, "output_type": "np"}
+        if o.steps:
+            kwargs["num_inference_steps"] = o.steps
+        if o.guidance_text is not None:
+            kwargs["guidance_scale"] = o.guidance_text
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            images = self.pipe(**kwargs).images
+        images = np.asarray(images, dtype=np.float32)
+        return images.mean(-1) if images.ndim == 4 else images
+
+
+def _layout_masks(job: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Masks an explicit layout points at (`mask_ref` = explicit:<path>), named by finding."""
+    ref = str(job.get("mask_ref") or "")
+    path = Path(ref.removeprefix("explicit:"))
+    if not ref.startswith("explicit:") or path.suffix.lower() != ".png" or not path.is_file():
+        return {}
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return {path.parent.name: np.asarray(im.convert("L")) > 127}
+
+
+def _load_diffusers(folder: Path, device: torch.device, autocast: bool):
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                 low_cpu_mem_usage=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load as a diffusers pipeline ({str(e).splitlines()[0][:200]})", folder) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _folder_hash(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(str(p.stat().st_size).encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))  # first MiB of each file: cheap and changes with the weights
+    return h.hexdigest()[:16]

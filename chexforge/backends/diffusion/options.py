@@ -1,0 +1,24 @@
+"""Options of the diffusion backend (`backend_options:`). Pure pydantic: no torch here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DiffusionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: Literal["dpm++", "ddpm"] = Field("dpm++", description="dpm++: DPM-Solver++ (fast, default); ddpm: ancestral, ChexGen's 100-step sampler")
+    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (default 20 for dpm++, 100 for ddpm)")
+    guidance_text: float | None = Field(None, ge=0, le=50, description="classifier-free guidance on the text (default: the model's, 4.0)")
+    guidance_control: float | None = Field(None, ge=0, le=50, description="guidance on the mask/box control image (1.0 = plain conditioning)")
+    control_strength: float = Field(1.0, ge=0, le=4, description="scale of the control branch's residuals")
+    prefix: Literal["chexgen", "none"] | None = Field(None, description="demographics as a text prefix (default: the model's)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    batch_size: int = Field(8, ge=1, le=1024)
+    compile: bool = Field(False, description="torch.compile the transformer")
+    fused_qkv: bool = Field(False, description="fuse the attention q/k/v projections")
+    vae_slice: int = Field(4, ge=1, le=256, description="images decoded by the VAE at a time (bounds memory)")

@@ -1,0 +1,1 @@
+"""Diffusion model code: transformer, control branch, text encoders, VAE, schedulers, pipeline, training, converters."""

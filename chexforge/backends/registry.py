@@ -29,6 +29,7 @@ class BackendInfo:
     factory: str  # "module:Class"
     needs_model: bool = False
     default_anatomy: tuple[str, ...] = ()  # masks a cohort gets when it names none
+    default_layout: str = "none"  # layout source a cohort gets when it names none
     seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
 
     def options(self, raw: dict[str, Any]) -> BaseModel:
@@ -68,6 +69,7 @@ BACKENDS: dict[str, BackendInfo] = {
         factory="chexforge.backends.drr.backend:DRRBackend",
         seconds_per_image={"cpu": 0.6},
         default_anatomy=("lungs", "heart"),
+        default_layout="physics",
     ),
     "diffusion": BackendInfo(
         name="diffusion",
@@ -76,7 +78,7 @@ BACKENDS: dict[str, BackendInfo] = {
         findings=FINDING_NAMES,
         anatomy=(),
         views=("PA", "AP", "LL"),
-        layouts=("explicit", "prior"),
+        layouts=("none", "explicit", "prior"),
         options_model=_diffusion_options,
         factory="chexforge.backends.diffusion.backend:DiffusionBackend",
         needs_model=True,

@@ -85,7 +85,7 @@ def build_cache(pipe: ChexforgePipeline, examples: list[Example], folder: Path, 
         empty = control_image.to_tensor([control_image.draw(size)]).to(pipe.device)
         cache["empty_control"] = vae_ops.encode(pipe.vae, empty).cpu()
     save_state_dict(cache, path)
-    return cache
+    return load_state_dict(path)  # the fresh and the resumed run train on the very same tensors
 
 
 def _cache_key(examples: list[Example], size: int, pipe: ChexforgePipeline) -> str:
@@ -119,7 +119,7 @@ def _trainable(pipe: ChexforgePipeline, cfg: TrainConfig) -> dict[str, torch.nn.
 
 
 def save_checkpoint(run: Path, step: int, params: dict, ema: dict, opt: torch.optim.Optimizer, rng: np.random.Generator,
-                    cfg: TrainConfig, losses: list[float]) -> Path:
+                    noise_rng: torch.Generator, cfg: TrainConfig, losses: list[float]) -> Path:
     final = run / "checkpoints" / f"step-{step:07d}"
     tmp = run / "checkpoints" / f".tmp-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
@@ -129,7 +129,7 @@ def save_checkpoint(run: Path, step: int, params: dict, ema: dict, opt: torch.op
     save_state_dict(ema, tmp / "ema.safetensors")
     torch.save(_optimizer_tensors(opt), tmp / "optimizer.pt")
     state = {"step": step, "config": asdict(cfg), "numpy_rng": rng.bit_generator.state,
-             "torch_rng": torch.get_rng_state().tolist(), "losses": losses[-1000:]}
+             "noise_rng": noise_rng.get_state().tolist(), "losses": losses[-1000:]}
     (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)
@@ -173,8 +173,8 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
     params = _trainable(pipe, cfg)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: p.detach().clone() for k, p in params.items()}
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # batches, timesteps, dropout
+    noise_rng = torch.Generator().manual_seed(cfg.seed)  # diffusion noise (own generator: resumable)
     step, losses = 0, []
 
     ckpt = latest_checkpoint(run)
@@ -189,7 +189,7 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
         ema = {k: v.to(device) for k, v in load_state_dict(ckpt / "ema.safetensors").items()}
         _load_optimizer(opt, ckpt / "optimizer.pt")
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        noise_rng.set_state(torch.tensor(state["noise_rng"], dtype=torch.uint8))
         step, losses = state["step"], state["losses"]
 
     sched = pipe.train_scheduler
@@ -211,7 +211,7 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
             cdrop = torch.from_numpy(rng.random(len(idx)) < cfg.control_dropout).to(device)
             control = torch.where(cdrop[:, None, None, None], cache["empty_control"].float().expand_as(control), control)
         t = torch.from_numpy(rng.integers(0, sched.config.num_train_timesteps, size=len(idx))).to(device)
-        noise = torch.randn_like(x0)
+        noise = torch.randn(x0.shape, generator=noise_rng).to(device)
         xt = sched.add_noise(x0, noise, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = pipe.transformer(xt, t, text, keep, control).float()
@@ -230,7 +230,7 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
         if on_step:
             on_step(step, losses[-1])
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(run, step, params, ema, opt, rng, cfg, losses)
+            save_checkpoint(run, step, params, ema, opt, rng, noise_rng, cfg, losses)
     export_ema(pipe, params, ema, run / "model")
     return losses
 

@@ -1,6 +1,6 @@
 """Layouts: which masks and boxes a job asks for (DESIGN.md, "Layouts").
 
-`physics` leaves them to the backend (the DRR backend places lesions in 3-D and reports the
+`none` asks for none (text-only generation). `physics` leaves them to the backend (the DRR backend places lesions in 3-D and reports the
 exact projection). `explicit` takes them from the recipe, a CSV of boxes or a folder of mask
 PNGs, cycled or sampled over the jobs. Each job records in `mask_ref` which item it got.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError
-from ..recipe.schema import Cohort, Recipe
+from ..recipe.schema import Cohort, Recipe, layout_source
 from ..recipe.vocabulary import BY_NAME
 from . import rng
 from .jobs import BOX, BOXES
@@ -31,10 +31,11 @@ def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray) -> tuple
     """(boxes, mask_ref) columns for a cohort's jobs."""
     n = len(index)
     layout = cohort.layout
-    if layout.source == "physics":
+    source = layout_source(recipe, cohort)
+    if source in ("physics", "none"):
         empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], BOX))
-        return empty.cast(BOXES), pa.repeat(pa.scalar("physics"), n)
-    if layout.source == "prior":
+        return empty.cast(BOXES), pa.repeat(pa.scalar(source), n)
+    if source == "prior":
         raise UserError(f"cohort {cohort.name!r}: layout 'prior' needs the priors package (not built yet)")
     items = explicit_items(recipe, cohort)
     if layout.order == "cycle":

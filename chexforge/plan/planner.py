@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from ..backends.registry import backend_info
 from ..recipe.loader import recipe_dict, stable_hash
-from ..recipe.schema import Cohort, Recipe
+from ..recipe.schema import Cohort, Recipe, layout_source
 from ..recipe.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
 from . import layout, prompts, rng, sampling
 from .jobs import job_schema, with_recipe
@@ -79,7 +79,7 @@ def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
         "findings": prompts.findings_text(cols, n), "cohort": cols["cohort"],
     }
     cols["prompt"] = prompts.render(cohort.prompt, fields, n)
-    cols["layout"] = pa.repeat(pa.scalar(cohort.layout.source), n)
+    cols["layout"] = pa.repeat(pa.scalar(layout_source(recipe, cohort)), n)
     cols["boxes"] = boxes
     cols["mask_ref"] = refs
     anatomy = cohort.masks if cohort.masks is not None else list(backend_info(recipe.backend).default_anatomy)

@@ -180,7 +180,9 @@ class ExplicitBox(Strict):
 class Layout(Strict):
     """Where a job's masks and boxes come from (DESIGN.md, "Layouts")."""
 
-    source: Literal["physics", "explicit", "prior"] = "physics"
+    # physics (DRR places findings), explicit (given boxes/masks), prior (sampled from real
+    # geometry), none (text only). Unset: the backend's default (DRR physics, diffusion none).
+    source: Literal["physics", "explicit", "prior", "none"] | None = None
     boxes: list[ExplicitBox] | None = None  # explicit: the same boxes for every job
     boxes_csv: Path | None = None  # explicit: image_id,label,x0,y0,x1,y1 rows, grouped by image_id
     masks_dir: Path | None = None  # explicit: a folder of mask PNGs, one layout each
@@ -194,6 +196,8 @@ class Layout(Strict):
     @model_validator(mode="after")
     def _explicit(self) -> Layout:
         given = [n for n in ("boxes", "boxes_csv", "masks_dir") if getattr(self, n) is not None]
+        if self.source is None and given:  # boxes or masks given: explicit is what was meant
+            self.source = "explicit"
         if self.source == "explicit" and not given:
             raise ValueError("an explicit layout needs boxes, boxes_csv or masks_dir")
         if self.source != "explicit" and given:
@@ -309,6 +313,13 @@ class Recipe(Strict):
 # ---- checks that need more than one field: each returns (location, message) pairs -------------
 
 
+def layout_source(recipe: Recipe, cohort: Cohort) -> str:
+    """The cohort's layout source, or the backend's default when the recipe leaves it out."""
+    from ..backends.registry import backend_info
+
+    return cohort.layout.source or backend_info(recipe.backend).default_layout
+
+
 def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Cross-field checks, each with the location (a pydantic-style loc) it is about."""
     from ..backends.registry import backend_info  # pure data: no torch
@@ -324,9 +335,10 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         if cohort.name in seen:
             problems.append((("cohorts", i, "name"), f"cohort name {cohort.name!r} is used twice"))
         seen.add(cohort.name)
-        if cohort.layout.source not in info.layouts:
+        source = layout_source(recipe, cohort)
+        if source not in info.layouts:
             problems.append((("cohorts", i, "layout"),
-                             f"the {recipe.backend} backend takes layouts {', '.join(info.layouts)}, not {cohort.layout.source!r}"))
+                             f"the {recipe.backend} backend takes layouts {', '.join(info.layouts)}, not {source!r}"))
         for m in cohort.masks or ():
             if m not in info.anatomy:
                 problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend cannot draw the {m!r} mask"))

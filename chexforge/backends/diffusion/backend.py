@@ -112,6 +112,13 @@ class DiffusionBackend:
             kwargs["num_inference_steps"] = o.steps
         if o.guidance_text is not None:
             kwargs["guidance_scale"] = o.guidance_text
+        import inspect
+
+        accepted = inspect.signature(self.pipe.__call__).parameters
+        if "use_resolution_binning" in accepted:
+            kwargs["use_resolution_binning"] = False  # PixArt/Sana: render exactly the asked size
+        if "clean_caption" in accepted:
+            kwargs["clean_caption"] = False  # reports are already clean; the cleaner needs extra packages
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             images = self.pipe(**kwargs).images
         images = np.asarray(images, dtype=np.float32)

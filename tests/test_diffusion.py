@@ -1,0 +1,242 @@
+"""Diffusion backend: model, conditioning, sampling, saving, ChexGen conversion, diffusers pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chexforge.errors import UserError
+from chexforge.models import control_image
+from chexforge.models.convert_chexgen import convert_state_dict, read_checkpoint
+from chexforge.models.pipeline import ChexforgePipeline, demographic_prefix
+from chexforge.models.transformer import PRESETS, GuidedTransformer
+
+from . import chexgen_reference as ref
+from .conftest import make_tiny_t5
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+PROMPTS = ["sex:Female, age:67. PA chest radiograph. Moderate left pleural effusion.", "AP chest radiograph.", "Lung nodule."]
+
+
+def boxes_control(n: int, size: int = 64) -> torch.Tensor:
+    box = {"label": "Nodule", "x0": 0.1, "y0": 0.2, "x1": 0.3, "y1": 0.4}
+    return control_image.to_tensor([control_image.draw(size, [box])] * n)
+
+
+def test_guided_transformer_is_the_diffusers_model_without_control():
+    torch.manual_seed(0)
+    m = GuidedTransformer.from_config(PRESETS["tiny"]).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.randn(3, 9, 64)
+    keep = torch.ones(3, 9)
+    keep[0, 6:] = 0
+    with torch.no_grad():
+        ours = m(x, t, y, keep)
+        theirs = m.base(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=keep, return_dict=False)[0]
+    assert torch.equal(ours, theirs)
+
+
+def test_control_branch_at_init_changes_nothing():
+    torch.manual_seed(1)
+    m = GuidedTransformer.from_config(PRESETS["tiny"]).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        plain = m(x, t, y)
+        guided = m(x, t, y, control=torch.randn(2, 4, 8, 8))
+        torch.nn.init.normal_(m.control.after_proj[0].weight, std=0.1)
+        changed = m(x, t, y, control=torch.randn(2, 4, 8, 8))
+    assert torch.equal(plain, guided)
+    assert not torch.allclose(plain, changed)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_model, tmp_path):
+    a = ChexforgePipeline.load(tiny_model)
+    a.save(tmp_path / "again")
+    b = ChexforgePipeline.load(tmp_path / "again")
+    for (ka, va), (kb, vb) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert a.parameters_hash() == b.parameters_hash()
+    ctrl = boxes_control(3)
+    assert np.array_equal(a.sample(PROMPTS, gens(1, 2, 3), 64, ctrl, steps=4),
+                          b.sample(PROMPTS, gens(1, 2, 3), 64, ctrl, steps=4))
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+def test_same_seed_same_image_whatever_the_batch(tiny_model, sampler):
+    pipe = ChexforgePipeline.load(tiny_model)
+    ctrl = boxes_control(3)
+    batch = pipe.sample(PROMPTS, gens(11, 12, 13), 64, ctrl, steps=5, sampler=sampler, guidance_control=2.0)
+    alone = pipe.sample(PROMPTS[1:2], gens(12), 64, ctrl[1:2], steps=5, sampler=sampler, guidance_control=2.0)
+    assert batch.shape == (3, 64, 64) and batch.dtype == np.float32
+    assert 0 <= batch.min() and batch.max() <= 1
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-4)
+    other = pipe.sample(PROMPTS[1:2], gens(99), 64, ctrl[1:2], steps=5, sampler=sampler, guidance_control=2.0)
+    assert np.abs(other[0] - alone[0]).max() > 1e-3
+
+
+def test_guidance_scales_change_the_result(tiny_model):
+    pipe = ChexforgePipeline.load(tiny_model)
+    with torch.no_grad():  # make the control branch do something
+        for lin in pipe.transformer.control.after_proj:
+            torch.nn.init.normal_(lin.weight, std=0.2)
+    ctrl = boxes_control(1)
+    base = pipe.sample(PROMPTS[:1], gens(5), 64, ctrl, steps=4)
+    assert not np.allclose(base, pipe.sample(PROMPTS[:1], gens(5), 64, ctrl, steps=4, guidance_text=1.0))
+    assert not np.allclose(base, pipe.sample(PROMPTS[:1], gens(5), 64, ctrl, steps=4, guidance_control=3.0))
+
+
+def test_demographic_prefix_in_chexgen_form():
+    job = {"sex": "M", "age": 71, "race": "Black", "prompt": "PA chest radiograph."}
+    assert demographic_prefix(job, "chexgen") == "sex:Male, age:71, race:Black. "
+    assert demographic_prefix({"sex": "F", "age": 30}, "chexgen") == "sex:Female, age:30. "
+    assert demographic_prefix(job, "none") == ""
+
+
+def test_control_image_draws_class_colours():
+    img = control_image.draw(64, [{"label": "Nodule", "x0": 0.25, "y0": 0.25, "x1": 0.5, "y1": 0.5},
+                                  {"label": "Mass", "x0": 0.6, "y0": 0.6, "x1": 0.9, "y1": 0.9}])
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert tuple(img[16, 16]) == control_image.COLOURS["Nodule"]  # outline in full colour
+    assert tuple(img[48, 48]) == tuple(c // 2 for c in control_image.COLOURS["Mass"])  # filled at half
+    assert img[2, 2].sum() == 0
+
+
+# ---- ChexGen checkpoints ----------------------------------------------------------------------
+
+
+def chexgen_checkpoint(path, control: bool = False):
+    """A tiny checkpoint in ChexGen's released layout: module. prefixes, state_dict + state_dict_ema."""
+    base = ref.DiT()
+    ref.randomize(base, 0)
+    model = ref.ControlDiT(base, 2) if control else base
+    if control:
+        ref.randomize(model, 1)
+    ema = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    raw = {k: v + 0.01 if v.is_floating_point() else v for k, v in ema.items()}
+    torch.save({"state_dict": raw, "state_dict_ema": ema, "step": 123}, path)
+    return model
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["base", "control"])
+def test_chexgen_conversion_reproduces_the_original_forward(tmp_path, control):
+    original = chexgen_checkpoint(tmp_path / "ckpt.pth", control).eval()
+    sd, used_ema = read_checkpoint(tmp_path / "ckpt.pth")
+    assert used_ema
+    model, null, cfg = convert_state_dict(sd, heads=4)
+    assert cfg.depth == 3 and cfg.hidden == 64 and cfg.learn_sigma and cfg.interpolation_scale == 2.0
+    assert cfg.control_blocks == (2 if control else 0) and null.shape == (6, 32)
+    x, t, y, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 6, 32), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = original(x, t, y, c) if control else original(x, t, y)
+        got = model.eval()(x, t, y, torch.ones(2, 6), c if control else None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chexgen_conversion_is_strict(tmp_path):
+    chexgen_checkpoint(tmp_path / "ckpt.pth")
+    sd, _ = read_checkpoint(tmp_path / "ckpt.pth")
+    bad = dict(sd)
+    bad["blocks.1.mlp.fc1.weight"] = torch.zeros(10, 64)
+    with pytest.raises(UserError, match=r"blocks\.1\.mlp\.fc1\.weight: shape \(10, 64\) in the checkpoint, \(256, 64\) expected"):
+        convert_state_dict(bad, heads=4)
+    extra = dict(sd, **{"blocks.0.attn.extra": torch.zeros(3)})
+    with pytest.raises(UserError, match="unused key 'blocks.0.attn.extra'"):
+        convert_state_dict(extra, heads=4)
+    missing = {k: v for k, v in sd.items() if k != "t_block.1.bias"}
+    with pytest.raises(UserError, match="missing key 't_block.1.bias'"):
+        convert_state_dict(missing, heads=4)
+    with pytest.raises(UserError, match="not divisible by 5 heads"):
+        convert_state_dict(sd, heads=5)
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    import argparse
+
+    # Arbitrary objects need pickle code to load; weights_only refuses them.
+    torch.save({"state_dict_ema": {"w": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match="weights-only"):
+        read_checkpoint(tmp_path / "evil.pth")
+
+
+def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
+    from chexforge.cli import main
+    from chexforge.models.vae import build_vae
+
+    chexgen_checkpoint(tmp_path / "ckpt.pth", control=True)
+    make_tiny_t5(tmp_path / "t5", d_model=32)
+    build_vae("tiny", 64).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "converted"
+    assert main(["models", "import-chexgen", str(tmp_path / "ckpt.pth"), "--out", str(out), "--t5", str(tmp_path / "t5"),
+                 "--vae", str(tmp_path / "vae"), "--heads", "4"]) == 0
+    pipe = ChexforgePipeline.load(out)
+    assert pipe.text_encoder.kind == "t5" and pipe.null_embedding.shape == (6, 32)
+    images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler="ddpm")
+    assert images.shape == (1, 64, 64)
+    assert main(["models", "info", str(out)]) == 0
+    # The wrong T5 width is refused with one line.
+    make_tiny_t5(tmp_path / "t5wide", d_model=48)
+    assert main(["models", "import-chexgen", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "x"),
+                 "--t5", str(tmp_path / "t5wide"), "--vae", str(tmp_path / "vae"), "--heads", "4"]) == 2
+
+
+# ---- text encoders ------------------------------------------------------------------------------
+
+
+def test_open_clip_text_tower_from_a_full_clip_checkpoint(tmp_path):
+    from chexforge.models.text import OpenClipText
+    from chexforge.models.weights import save_state_dict
+
+    enc = OpenClipText.from_open_clip("tiny")
+    full = {k: v for k, v in enc.tower.state_dict().items() if k != "attn_mask"}
+    full["visual.conv1.weight"] = torch.zeros(3)  # a CLIP checkpoint carries the image tower too
+    save_state_dict(full, tmp_path / "clip.safetensors")
+    again = OpenClipText.from_open_clip("tiny", tmp_path / "clip.safetensors")
+    a, keep = enc.encode(["PA chest radiograph.", "x"])
+    b, _ = again.encode(["PA chest radiograph.", "x"])
+    assert a.shape == (2, 77, 64) and torch.equal(a, b)
+    assert keep[0].sum() > keep[1].sum() >= 2  # start, tokens, end; padding masked
+    with pytest.raises(UserError, match="no text-tower weight"):
+        save_state_dict({"visual.conv1.weight": torch.zeros(3)}, tmp_path / "vis.safetensors")
+        OpenClipText.from_open_clip("tiny", tmp_path / "vis.safetensors")
+
+
+# ---- diffusers pipelines (text only) -------------------------------------------------------------
+
+
+def test_a_diffusers_pipeline_folder_runs_text_only(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from chexforge.backends.diffusion.backend import DiffusionBackend
+    from chexforge.backends.diffusion.options import DiffusionOptions
+    from chexforge.models.build import describe
+    from chexforge.models.text import T5Text
+    from chexforge.models.vae import build_vae
+
+    t5 = T5Text(make_tiny_t5(tmp_path / "t5"), max_length=16)
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=2, cross_attention_dim=32, sample_size=8, patch_size=2,
+                                           caption_channels=32)
+    PixArtAlphaPipeline(tokenizer=t5.tokenizer, text_encoder=t5.model, vae=build_vae("tiny", 64), transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(tmp_path / "pixart")
+    info = describe(tmp_path / "pixart")
+    assert "PixArtAlphaPipeline" in info["kind"] and "text only" in info["guidance"]
+    backend = DiffusionBackend(DiffusionOptions(steps=3), size=64, model=tmp_path / "pixart")
+    jobs = [{"job_id": "a", "seed": 1, "size": 64, "prompt": "PA chest radiograph."},
+            {"job_id": "b", "seed": 2, "size": 64, "prompt": "AP chest radiograph."}]
+    a, b = backend.generate(jobs)
+    assert a.image.shape == (64, 64) and a.image.dtype == np.float32 and not np.array_equal(a.image, b.image)
+    again = backend.generate(jobs[:1])[0]
+    assert np.allclose(a.image, again.image, atol=1e-5)
+
+
+def test_not_a_model_folder_is_one_line(tmp_path):
+    from chexforge.backends.diffusion.backend import DiffusionBackend
+    from chexforge.backends.diffusion.options import DiffusionOptions
+
+    with pytest.raises(UserError, match="no model_index.json"):
+        DiffusionBackend(DiffusionOptions(), 64, model=tmp_path)

@@ -60,6 +60,8 @@ bench: install  ## run the benchmarks (prints ratios against baselines measured 
 	$(BIN)/python bench/plan_bench.py
 	$(BIN)/python bench/drr_bench.py
 	$(BIN)/python bench/export_bench.py
+	$(BIN)/python bench/diffusion_bench.py --config tiny
+	$(BIN)/python bench/diffusion_bench.py --config xl   # GPU only; says so on a CPU
 
 clean:  ## remove generated outputs (keeps .venv)
 	rm -rf out .pytest_cache

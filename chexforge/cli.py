@@ -294,6 +294,7 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     freeze_base: bool = typer.Option(False, "--freeze-base", help="Train the control branch only."),
+    vae_steps: int = typer.Option(0, "--vae-steps", min=0, help="First fit the VAE to the images for N steps (models without a pretrained VAE)."),
     device: str = typer.Option("auto", "--device"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -313,14 +314,14 @@ def train(
     pipe = ChexforgePipeline.load(model)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, caption_dropout=caption_dropout,
                       save_every=save_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
-                      freeze_base=freeze_base, device=device)
+                      freeze_base=freeze_base, vae_steps=vae_steps, device=device)
     start = latest_checkpoint(run)
     if start is not None:
         out_console.print(f"resuming from {start.name}")
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), disable=not progress)
     with bar:
-        cache_task = bar.add_task("caching", total=None, loss="")
+        cache_task = bar.add_task("fitting VAE / caching" if vae_steps else "caching", total=None, loss="")
         train_task = bar.add_task("training", total=steps, loss="")
 
         def on_cache(done: int, total: int) -> None:

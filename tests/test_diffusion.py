@@ -174,8 +174,9 @@ def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
                  "--vae", str(tmp_path / "vae"), "--heads", "4"]) == 0
     pipe = ChexforgePipeline.load(out)
     assert pipe.text_encoder.kind == "t5" and pipe.null_embedding.shape == (6, 32)
-    images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler="ddpm")
-    assert images.shape == (1, 64, 64)
+    for sampler in ("ddpm", "dpm++"):  # learned variance: DDPM uses it, DPM-Solver++ takes the noise alone
+        images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler=sampler)
+        assert images.shape == (1, 64, 64) and np.isfinite(images).all()
     assert main(["models", "info", str(out)]) == 0
     # The wrong T5 width is refused with one line.
     make_tiny_t5(tmp_path / "t5wide", d_model=48)

@@ -225,7 +225,8 @@ class ChexforgePipeline:
             else:
                 e_tc, e_nc = parts
                 guided = e_nc + s_t * (e_tc - e_nc)
-            model_out = torch.cat([guided, rest.chunk(rows)[0]], 1) if rest.shape[1] else guided
+            keep_var = rest.shape[1] and schedulers.uses_variance(sched)  # the variance is not guided
+            model_out = torch.cat([guided, rest.chunk(rows)[0]], 1) if keep_var else guided
             x = sched.step(model_out, t, x, generator=list(generators), return_dict=False)[0]
         return vae_ops.decode(self.vae, x, vae_slice).cpu().numpy().astype(np.float32)
 

@@ -30,8 +30,15 @@ def sampler(name: str, train_config: dict):
     respaced IDDPM samplers do), so a saved and reloaded model samples exactly like the original."""
     schedule = {k: train_config[k] for k in SCHEDULE_KEYS if k in train_config}
     if name == "dpm++":
+        # DPM-Solver++ is deterministic and takes the noise prediction alone (see uses_variance).
+        schedule.pop("variance_type", None)
         return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2,
                                            lower_order_final=True, timestep_spacing="linspace")
     if name == "ddpm":
         return DDPMScheduler(**schedule, clip_sample=False, timestep_spacing="linspace")
     raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def uses_variance(sched) -> bool:
+    """Whether the sampler wants the learned-variance channels next to the noise prediction."""
+    return isinstance(sched, DDPMScheduler) and sched.config.variance_type in ("learned", "learned_range")

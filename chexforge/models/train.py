@@ -51,6 +51,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     freeze_base: bool = False  # train the control branch only (ControlNet-style)
+    vae_steps: int = 0  # first fit the VAE to the images (for models without a pretrained VAE)
     device: str = "auto"
 
 
@@ -92,6 +93,8 @@ def _cache_key(examples: list[Example], size: int, pipe: ChexforgePipeline) -> s
     import hashlib
 
     h = hashlib.sha256(f"{size}|{pipe.conditioning.prefix}|{pipe.text_encoder.kind}".encode())
+    for _, t in sorted(pipe.vae.state_dict().items()):  # latents belong to one VAE
+        h.update(t.detach().cpu().contiguous().numpy().tobytes()[:4096])
     for e in examples:
         st = e.image.stat() if e.image.exists() else None
         h.update(f"{e.image}|{st.st_size if st else -1}|{e.prompt}|{json.dumps(e.boxes, sort_keys=True)}|{sorted(map(str, e.masks.values()))}".encode())
@@ -163,6 +166,8 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
     pipe.to(device)
     size = pipe.transformer.config.sample_size * 8
     examples = read_examples(data, image_root)
+    if cfg.vae_steps:
+        fit_vae(pipe, examples, run / "vae", size, cfg, on_cache)
     cache = {k: v.to(device) for k, v in build_cache(pipe, examples, run / "cache", size, on_cache).items()}
     n = cache["latents"].shape[0]
 
@@ -233,6 +238,42 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
             save_checkpoint(run, step, params, ema, opt, rng, noise_rng, cfg, losses)
     export_ema(pipe, params, ema, run / "model")
     return losses
+
+
+def fit_vae(pipe: ChexforgePipeline, examples: list[Example], folder: Path, size: int, cfg: TrainConfig,
+            progress: Callable[[int, int], None] | None = None) -> None:
+    """Fit the autoencoder to the training images (reconstruction + a light KL term), once per run.
+
+    For models made with `chexforge models init` (random VAE); models with a pretrained VAE
+    (Stable Diffusion's, as ChexGen uses) skip this. The fitted VAE is kept in the run folder,
+    so a resumed run reuses it rather than fitting again.
+    """
+    from diffusers import AutoencoderKL
+
+    if (folder / "config.json").is_file():
+        pipe.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False).to(pipe.device).eval()
+        return
+    images = torch.from_numpy(np.stack([load_image(e.image, size) for e in examples]))
+    vae = pipe.vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(0, len(images), (min(cfg.batch_size, len(images)),), generator=g)
+        x = vae_ops.to_rgb(images[idx]).to(pipe.device)
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(g if pipe.device.type == "cpu" else None)).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress(step + 1, cfg.vae_steps)
+    vae.eval()
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def export_ema(pipe: ChexforgePipeline, params: dict, ema: dict, folder: Path) -> None:

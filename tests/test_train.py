@@ -154,3 +154,11 @@ cohorts: [{name: a, count: 1, layout: {source: explicit, boxes: [{label: Nodule,
     recipe2 = write(tmp_path, "name: m\nbackend: diffusion\nmodel: ./nowhere\ncohorts: [{name: a, count: 1}]\n", "r2.yaml")
     proc = subprocess.run([sys.executable, "-m", "chexforge.cli", "validate", str(recipe2)], capture_output=True, text=True)
     assert proc.returncode == 2 and "r2.yaml:3:8: expected a local model folder" in proc.stderr
+
+
+def test_gradient_checkpointing_trains_the_same(tiny_model, drr_images, tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=4, save_every=3)
+    plain = train(ChexforgePipeline.load(tiny_model), drr_images, tmp_path / "a", cfg)
+    checkpointed = train(ChexforgePipeline.load(tiny_model), drr_images, tmp_path / "b",
+                         TrainConfig(**{**cfg.__dict__, "gradient_checkpointing": True}))
+    np.testing.assert_allclose(plain, checkpointed, rtol=1e-5)

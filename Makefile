@@ -4,6 +4,7 @@
 #   make test                               set up, then run the test suite
 #   make dataset RECIPE=r.yaml OUT=out/x    generate any recipe (re-run to resume)
 #   make plan RECIPE=r.yaml                 dry run: the jobs, the mix, the estimated time
+#   make balance LABELS=train.csv BY=sex,age BALANCE=balance.yaml   audit a label file, write the top-up recipe
 #   make validate                           check every recipe in recipes/
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
 
@@ -12,10 +13,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.chexforge-installed
 RECIPE ?= recipes/quickstart.yaml
+LABELS ?= xrv:chexpert
+BY     ?= sex,age
+BALANCE ?= balance.yaml
 OUT    ?= out/$(basename $(notdir $(RECIPE)))
 ARGS   ?=
 
-.PHONY: help install demo test test-fast lint dataset plan validate inspect bench clean
+.PHONY: help install demo test test-fast lint dataset plan validate inspect balance audit priors bench clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -26,6 +30,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@# diffdrr without its dependency list: that list pulls pyvista[all] for 3-D plots we never make.
 	$(BIN)/python -m pip install -q --no-deps "diffdrr>=0.4,<0.8"
+	@# torchxrayvision for the public label files its wheel ships (its model code is not used).
+	$(BIN)/python -m pip install -q --no-deps "torchxrayvision>=1.2"
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv if missing and install chexforge into it
@@ -56,10 +62,20 @@ validate: install  ## check every recipe in recipes/
 inspect: install  ## counts and a contact sheet for OUT
 	$(BIN)/chexforge inspect $(OUT)
 
+balance: install  ## audit LABELS (default xrv:chexpert) by BY and write the top-up recipe BALANCE (default balance.yaml)
+	$(BIN)/chexforge balance $(LABELS) --by $(BY) --out $(BALANCE) $(ARGS)
+
+audit: install  ## the bias audit of LABELS by BY (table, and with ARGS="--out DIR" a JSON and a chart)
+	$(BIN)/chexforge audit $(LABELS) --by $(BY) $(ARGS)
+
+priors: install  ## rebuild chexforge/priors/data from the label files in torchxrayvision
+	$(BIN)/python -m chexforge.priors.build
+
 bench: install  ## run the benchmarks (prints ratios against baselines measured in the same run)
 	$(BIN)/python bench/plan_bench.py
 	$(BIN)/python bench/drr_bench.py
 	$(BIN)/python bench/export_bench.py
+	$(BIN)/python bench/labels_bench.py
 	$(BIN)/python bench/diffusion_bench.py --config tiny
 	$(BIN)/python bench/diffusion_bench.py --config xl   # GPU only; says so on a CPU
 

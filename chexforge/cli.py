@@ -337,6 +337,172 @@ def train(
                           f"model with EMA weights in {run / 'model'}")
 
 
+# ---- audit and balance ------------------------------------------------------------------------
+
+LABELS_HELP = "Label file: CheXpert train.csv, MIMIC-CXR *-chexpert.csv, NIH Data_Entry_2017*.csv, PadChest CSV, a chexforge manifest, or xrv:chexpert / xrv:nih / xrv:padchest (shipped with torchxrayvision)."
+
+
+def _read_labels(labels: str, fmt: str | None, uncertain: str, metadata, patients, admissions, frontal_only: bool):
+    from .balance.readers import read_labels
+
+    df = read_labels(labels, fmt, uncertain, metadata, patients, admissions)
+    if frontal_only:
+        df = df[df["view"].isin(["PA", "AP"])].reset_index(drop=True)
+    return df
+
+
+def _print_audit(report: dict, after: dict | None = None, title: str = "audit", prefer: tuple[str, ...] = ()) -> None:
+    from .balance.audit import group_label
+
+    # The most prevalent findings (a terminal has room for a few); the JSON has them all.
+    overall = {f: sum(g["positives"][f] for g in report["groups"]) for f in report["findings"]}
+    room = max(1, (out_console.width - 44) // 16)
+    findings = sorted(overall, key=lambda f: (f not in prefer, -overall[f]))[:min(5, room)]
+    t = Table("group", "images", "vs largest", *[f"{f} %" for f in findings], title=title)
+    after_rows = {group_label(g["group"]): g for g in (after or {}).get("groups", [])}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for g in report["groups"]:
+        label = group_label(g["group"]).replace(" · ", "·")
+        n, ratio = str(g["n"]), f"{g['size_ratio']:.2f}"
+        prev = [pct(g["prevalence"][f]) for f in findings]
+        if after and group_label(g["group"]) in after_rows:
+            a = after_rows[group_label(g["group"])]
+            n += f"→{a['n']}"
+            ratio += f"→{a['size_ratio']:.2f}"
+            prev = [p + "→" + pct(a["prevalence"][f]) for p, f in zip(prev, findings)]
+        t.add_row(label, n, ratio, *prev)
+    out_console.print(t)
+    imb = report.get("imbalance", {})
+    if imb:
+        line = f"smallest group / largest: {imb['size_min_over_max']:.2f}"
+        if after and after.get("imbalance"):
+            line += f" → {after['imbalance']['size_min_over_max']:.2f}"
+        out_console.print(line)
+
+
+@app.command("audit")
+def audit_cmd(
+    labels: str = typer.Argument(..., help=LABELS_HELP, show_default=False),
+    fmt: str | None = typer.Option(None, "--format", help="chexpert, mimic, nih, padchest or manifest (default: sniffed)."),
+    by: str = typer.Option("sex,age", "--by", help="Grouping: a comma list of sex, age, race, view."),
+    age_bins: str | None = typer.Option(None, "--age-bins", help="Bin edges in years, e.g. 0,18,40,60,80 (the default)."),
+    uncertain: str = typer.Option("negative", "--uncertain", help="Uncertain (-1) labels count as: negative, positive, or ignore."),
+    frontal_only: bool = typer.Option(False, "--frontal-only", help="Keep PA and AP images only."),
+    metadata: Path | None = typer.Option(None, "--metadata", help="MIMIC-CXR metadata CSV (views, one row per image)."),
+    patients: Path | None = typer.Option(None, "--patients", help="MIMIC-IV patients.csv (sex, age)."),
+    admissions: Path | None = typer.Option(None, "--admissions", help="MIMIC-IV admissions.csv (race)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for audit.json and audit.png."),
+) -> None:
+    """Measure a real dataset's demographic imbalance: group sizes and finding prevalence per group."""
+    import json
+
+    from . import atomic
+    from .balance.audit import audit, parse_age_bins
+    from .balance.chart import audit_chart
+
+    df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
+    report = audit(df, [v.strip() for v in by.split(",") if v.strip()], age_bins=parse_age_bins(age_bins))
+    _print_audit(report, title=f"{labels}: {len(df)} images")
+    if out is not None:
+        atomic.write_text(out / "audit.json", json.dumps(report, indent=1))
+        atomic.write_bytes(out / "audit.png", audit_chart(report, title=str(labels)))
+        out_console.print(f"wrote {out / 'audit.json'} and {out / 'audit.png'}")
+
+
+@app.command("balance")
+def balance_cmd(
+    labels: str = typer.Argument(..., help=LABELS_HELP, show_default=False),
+    fmt: str | None = typer.Option(None, "--format", help="chexpert, mimic, nih, padchest or manifest (default: sniffed)."),
+    by: str = typer.Option("sex,age", "--by", help="The groups to balance: a comma list of sex, age, race, view."),
+    target: str = typer.Option("parity", "--target", help="parity (every group as large as the largest) or reference."),
+    reference: Path | None = typer.Option(None, "--reference", help="With --target reference: a CSV of shares (the --by columns + share) or a label file whose mix is the target."),
+    per_finding: bool = typer.Option(False, "--per-finding", help="Balance each finding's positives across the groups instead of group sizes."),
+    findings: str | None = typer.Option(None, "--findings", help="With --per-finding: which findings (comma list; default all present)."),
+    min_per_cell: int = typer.Option(0, "--min-per-cell", min=0, help="Raise every group (× finding) to at least N."),
+    budget: int | None = typer.Option(None, "--budget", min=0, help="At most N synthetic images."),
+    age_bins: str | None = typer.Option(None, "--age-bins", help="Bin edges in years (default 0,18,40,60,80)."),
+    uncertain: str = typer.Option("negative", "--uncertain", help="Uncertain (-1) labels count as: negative, positive, or ignore."),
+    frontal_only: bool = typer.Option(True, "--frontal-only/--all-views", help="Balance frontal (PA/AP) images only (the default)."),
+    metadata: Path | None = typer.Option(None, "--metadata", help="MIMIC-CXR metadata CSV."),
+    patients: Path | None = typer.Option(None, "--patients", help="MIMIC-IV patients.csv."),
+    admissions: Path | None = typer.Option(None, "--admissions", help="MIMIC-IV admissions.csv."),
+    backend: str = typer.Option("drr", "--backend", help="Backend of the written recipe: drr or diffusion."),
+    model: Path | None = typer.Option(None, "--model", help="With --backend diffusion: the model folder."),
+    size: int = typer.Option(256, "--size", help="Image size of the written recipe."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("balance.yaml"), "--out", "-o", help="The recipe to write."),
+    report: Path | None = typer.Option(None, "--report", help="Folder for the before/after audit (JSON) and chart (PNG); default next to the recipe."),
+    generate_out: Path | None = typer.Option(None, "--generate", help="Also generate the recipe into this folder now."),
+) -> None:
+    """Audit a real dataset and write the recipe whose synthetic images bring its groups to the target.
+
+    The audit after balancing (real + planned synthetic) is printed beside the one before, and both are charted.
+
+    Example: [bold]chexforge balance xrv:chexpert --by sex,age --target parity --out balance.yaml[/bold]
+    """
+    import json
+
+    from . import atomic
+    from .balance.audit import audit, check_by, parse_age_bins
+    from .balance.chart import audit_chart
+    from .balance.topup import BalanceSpec, allocate, jobs_to_tidy, read_reference, topup_recipe
+    from .plan import plan as make_plan
+    from .recipe import load_recipe
+
+    by_vars = check_by([v.strip() for v in by.split(",") if v.strip()])
+    if target not in ("parity", "reference"):
+        raise UserError(f"--target takes parity or reference, not {target!r}")
+    bins = parse_age_bins(age_bins)
+    df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
+    chosen = [f.strip() for f in findings.split(",")] if findings else None
+    if chosen:
+        from .recipe.vocabulary import ALIASES, FINDING_NAMES
+
+        chosen = [ALIASES.get(f, f) for f in chosen]
+        bad = [f for f in chosen if f not in FINDING_NAMES]
+        if bad:
+            raise UserError(f"--findings: unknown finding {bad[0]!r}")
+    spec = BalanceSpec(by=by_vars, target=target, per_finding=per_finding, findings=chosen, min_per_cell=min_per_cell,
+                       budget=budget, backend=backend, model=model.resolve() if model else None, size=size, seed=seed,
+                       age_bins=bins, name=_recipe_name(out))
+    if target == "reference":
+        if reference is None:
+            raise UserError("--target reference needs --reference FILE")
+        spec.reference = read_reference(reference, by_vars, bins)
+    alloc = allocate(df, spec)
+    text, _ = topup_recipe(df, alloc, spec, str(labels))
+    atomic.write_text(out, text)
+    before = audit(df, by_vars, chosen, bins)
+    synthetic = jobs_to_tidy(make_plan(load_recipe(out))) if int(alloc["add"].sum()) else df.iloc[0:0]
+    import pandas as pd
+
+    after = audit(pd.concat([df, synthetic], ignore_index=True), by_vars, before["findings"], bins)
+    from .backends.registry import backend_info
+
+    _print_audit(before, after, title=f"{labels}: {len(df)} real images + {len(synthetic)} synthetic (before → after)",
+                 prefer=backend_info(backend).findings)
+    for note in spec.notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    folder = report or out.parent / (out.stem + "_report")
+    atomic.write_text(folder / "audit_before.json", json.dumps(before, indent=1))
+    atomic.write_text(folder / "audit_after.json", json.dumps(after, indent=1))
+    atomic.write_bytes(folder / "audit.png", audit_chart(before, after, title=f"{labels}: balanced by {by}"))
+    out_console.print(f"wrote {out} ({int(alloc['add'].sum())} images in {int((alloc['add'] > 0).sum())} cohorts) "
+                      f"and {folder}/audit.png; run it with: chexforge generate {out} --out OUT")
+    if generate_out is not None:
+        generate(recipe=out, out=generate_out, jobs=None, limit=None, overwrite=False, batch_size=None,
+                 retry_failed=False, dry_run=False, progress=True)
+
+
+def _recipe_name(path: Path) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "balance"
+
+
 # ---- backends ---------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ BACKENDS: dict[str, BackendInfo] = {
         summary="text-, mask- and box-guided latent diffusion transformer (ChexGen-style), or any "
                 "diffusers text-to-image pipeline, from a local model folder",
         findings=FINDING_NAMES,
-        anatomy=(),
+        anatomy=("lungs",),  # from the prior mask library (layout: prior)
         views=("PA", "AP", "LL"),
         layouts=("none", "explicit", "prior"),
         options_model=_diffusion_options,

@@ -27,8 +27,9 @@ class LayoutItems:
     boxes: list[list[dict]]
 
 
-def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray) -> tuple[pa.Array, pa.Array]:
-    """(boxes, mask_ref) columns for a cohort's jobs."""
+def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray,
+           cols: dict | None = None) -> tuple[pa.Array, pa.Array]:
+    """(boxes, mask_ref) columns for a cohort's jobs (`cols`: the findings already drawn)."""
     n = len(index)
     layout = cohort.layout
     source = layout_source(recipe, cohort)
@@ -36,7 +37,7 @@ def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray) -> tuple
         empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], BOX))
         return empty.cast(BOXES), pa.repeat(pa.scalar(source), n)
     if source == "prior":
-        raise UserError(f"cohort {cohort.name!r}: layout 'prior' needs the priors package (not built yet)")
+        return prior_layout(cohort, key, index, cols or {})
     items = explicit_items(recipe, cohort)
     if layout.order == "cycle":
         pick = (index % np.uint64(len(items.refs))).astype(np.int64)
@@ -45,6 +46,65 @@ def choose(recipe: Recipe, cohort: Cohort, key: int, index: np.ndarray) -> tuple
     boxes = pa.array(items.boxes, BOXES).take(pa.array(pick))
     refs = pa.array(items.refs, pa.string()).take(pa.array(pick))
     return boxes, refs
+
+
+def prior_layout(cohort: Cohort, key: int, index: np.ndarray, cols: dict) -> tuple[pa.Array, pa.Array]:
+    """Boxes from real box geometry for each present finding (on its side; bilateral: one box a
+    side), plus masks from the mask libraries: SIIM pneumothorax masks for Pneumothorax, lung
+    masks when the cohort asks for `lungs`."""
+    from ..priors import masks as library
+    from ..priors.tables import has_boxes, sample_boxes
+
+    n = len(index)
+    parents, parts = [], []
+    for name in [f for f in cols if f in BY_NAME and BY_NAME[f].localizable and has_boxes(f)]:
+        present = np.asarray(cols[name], dtype=np.int8) == 1
+        if not present.any():
+            continue
+        lat_col = cols.get(f"{name}.laterality")
+        lat = lat_col.to_numpy(zero_copy_only=False) if lat_col is not None else np.full(n, None, dtype=object)
+        rows = np.flatnonzero(present)
+        sides = lat[rows].astype(object)
+        both = sides == "bilateral"
+        rows = np.concatenate([rows, rows[both]])  # bilateral: a second box on the other side
+        sides = np.concatenate([np.where(both, "right", sides), np.full(both.sum(), "left", dtype=object)])
+        second = (np.arange(len(rows)) >= present.sum()).astype(np.uint64)  # the other side's box
+        counter = index[rows] * np.uint64(2) + second
+        u = np.stack([rng.uniform(key, counter, f"box:{name}:{k}") for k in range(4)], 1)
+        xy = sample_boxes(name, sides, u)
+        parents.append(rows)
+        parts.append(pa.table({"label": pa.repeat(pa.scalar(name), len(rows)), "x0": xy[:, 0].astype(np.float32),
+                               "y0": xy[:, 1].astype(np.float32), "x1": xy[:, 2].astype(np.float32),
+                               "y1": xy[:, 3].astype(np.float32)}))
+    if parts:
+        parent = np.concatenate(parents)
+        order = np.argsort(parent, kind="stable")
+        flat = pa.concat_tables(parts).take(pa.array(order)).combine_chunks().to_struct_array().combine_chunks()
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n))]).astype(np.int32)
+        boxes = pa.ListArray.from_arrays(pa.array(offsets), flat.cast(BOX)).cast(BOXES)
+    else:
+        boxes = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], BOX)).cast(BOXES)
+    refs = np.full(n, "prior", dtype=object)
+    wants_lungs = "lungs" in (cohort.masks or [])
+    ptx = np.asarray(cols.get("Pneumothorax", np.zeros(n)), dtype=np.int8) == 1
+    if wants_lungs or ptx.any():
+        if not library.available():
+            raise UserError(f"cohort {cohort.name!r}: prior masks need the torchxrayvision package "
+                            "(pip install --no-deps torchxrayvision)")
+        if wants_lungs:
+            lungs = library.refs("lungs")
+            pick = np.floor(rng.uniform(key, index, "mask:lungs") * len(lungs)).astype(np.int64)
+            refs = np.array([f"{a};{b}" for a, b in zip(refs, np.array(lungs, dtype=object)[pick])], dtype=object)
+        if ptx.any():
+            lat_col = cols.get("Pneumothorax.laterality")
+            lat = lat_col.to_numpy(zero_copy_only=False) if lat_col is not None else np.full(n, None, dtype=object)
+            u = rng.uniform(key, index, "mask:siim")
+            for side in ("left", "right", None):
+                rows = np.flatnonzero(ptx & ((lat == side) if side else ~np.isin(lat, ["left", "right"])))
+                if len(rows):
+                    choices = np.array(library.refs("siim", side), dtype=object)
+                    refs[rows] = [f"{r};{c}" for r, c in zip(refs[rows], choices[np.floor(u[rows] * len(choices)).astype(np.int64)])]
+    return boxes, pa.array(refs.astype(str), pa.string())
 
 
 def explicit_items(recipe: Recipe, cohort: Cohort) -> LayoutItems:

@@ -63,7 +63,9 @@ def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
         "race": (sampling.categorical(demo.race, u("race"))
                  if demo.race else pa.nulls(n, pa.string())),
     }
-    finding_cols = sampling.findings(cohort, u, n)
+    demo_arrays = (cols["sex"].to_numpy(zero_copy_only=False), cols["age"].to_numpy(zero_copy_only=False),
+                   cols["view"].to_numpy(zero_copy_only=False))
+    finding_cols = sampling.findings(cohort, u, n, demo_arrays, backend_info(recipe.backend).findings)
     for name in FINDING_NAMES:
         cols[name] = pa.array(finding_cols[name])
     for name in LATERAL_FINDINGS:
@@ -71,7 +73,7 @@ def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
     for name in SEVERITY_FINDINGS:
         cols[f"{name}.severity"] = finding_cols[f"{name}.severity"]
 
-    boxes, refs = layout.choose(recipe, cohort, key, index)
+    boxes, refs = layout.choose(recipe, cohort, key, index, cols)
     cols = _mark_layout_findings(cols, boxes)
     fields = {
         "view": cols["view"], "age": cols["age"], "sex": cols["sex"], "race": cols["race"],

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr, ndtri
 
-from ..recipe.schema import Age, Cohort, parse_age_bin
+from ..recipe.schema import Age, Cohort, FindingSpec, parse_age_bin
 from ..recipe.vocabulary import BY_NAME, LATERAL_FINDINGS, NO_FINDING, SEVERITIES, SEVERITY_FINDINGS
 from ..recipe.vocabulary import FINDINGS as VOCAB
 
@@ -63,23 +63,44 @@ DEFAULT_SEVERITY = {s: 1.0 / len(SEVERITIES) for s in SEVERITIES}
 def stream_names(cohort: Cohort) -> list[str]:
     """The Sobol' dimensions a cohort draws from, in a fixed order."""
     names = ["view", "sex", "race", "age", "age2"]
-    for name, spec in cohort.findings.items():
+    if cohort.findings == "natural":
+        from ..priors.tables import prior_findings
+
+        names.append("natural")
+        for name in prior_findings():
+            names += [f"lat:{name}", f"sev:{name}"]
+        return names
+    for name, spec in cohort.finding_specs.items():
         if name != NO_FINDING and spec.p > 0:
             names += [f"finding:{name}", f"lat:{name}", f"sev:{name}"]
     return names
 
 
-def findings(cohort: Cohort, u: Callable[[str], np.ndarray], n: int) -> dict[str, np.ndarray | pa.Array]:
-    """0/1 columns for every vocabulary finding plus `<Finding>.laterality/.severity` columns."""
+def findings(cohort: Cohort, u: Callable[[str], np.ndarray], n: int,
+             demographics: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+             renderable: tuple[str, ...] = ()) -> dict[str, np.ndarray | pa.Array]:
+    """0/1 columns for every vocabulary finding plus `<Finding>.laterality/.severity` columns.
+
+    `findings: natural` draws the present findings jointly from the priors, given each job's
+    (sex, age, view) in `demographics`, over the findings the backend can render."""
     cols: dict[str, np.ndarray | pa.Array] = {f.name: np.zeros(n, dtype=np.int8) for f in VOCAB}
     for name in LATERAL_FINDINGS:
         cols[f"{name}.laterality"] = pa.nulls(n, pa.string())
     for name in SEVERITY_FINDINGS:
         cols[f"{name}.severity"] = pa.nulls(n, pa.string())
-    for name, spec in cohort.findings.items():
+    if cohort.findings == "natural":
+        from ..priors.tables import natural_findings, prior_findings
+
+        assert demographics is not None
+        keep = [f for f in prior_findings() if f in renderable]
+        drawn = natural_findings(*demographics, u("natural"), keep)
+        specs = {name: FindingSpec() for name in drawn}
+    else:
+        drawn, specs = {}, cohort.finding_specs
+    for name, spec in specs.items():
         if name == NO_FINDING or spec.p <= 0:
             continue
-        present = u(f"finding:{name}") < spec.p
+        present = drawn[name].astype(bool) if name in drawn else u(f"finding:{name}") < spec.p
         cols[name] = present.astype(np.int8)
         finding = BY_NAME[name]
         if finding.laterality:

@@ -47,7 +47,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(_plain(tree))
     except ValidationError as e:
-        errors = e.errors()
+        errors = _one_branch(e.errors())
         first = errors[0]
         loc = tuple(first["loc"]) + (("[key]",) if first["type"] == "extra_forbidden" else ())
         raise _problem(source, tree, loc, _message(first), len(errors) - 1) from None
@@ -130,10 +130,27 @@ def _key_in(mapping: dict, part: Any) -> Any:
     return None
 
 
+def _is_tag(part) -> bool:
+    """Pydantic names union branches in error locations (`dict[...]`, `literal['natural']`)."""
+    return isinstance(part, str) and "[" in part and part != "[key]"
+
+
+def _one_branch(errors: list[dict]) -> list[dict]:
+    """For a value that may be one of several types, keep the errors of the branch whose type
+    the value has (a mapping's errors, not "expected 'natural'")."""
+    kept = []
+    for err in errors:
+        tags = [p for p in err["loc"] if _is_tag(p)]
+        if tags and tags[-1].startswith("literal[") and not isinstance(err.get("input"), str):
+            continue
+        kept.append(err)
+    return kept or errors
+
+
 def _dotted(loc: tuple) -> str:
     out = ""
     for part in loc:
-        if part == "[key]":
+        if part == "[key]" or _is_tag(part):
             continue
         if isinstance(part, int):
             out += f"[{part}]"

@@ -210,7 +210,9 @@ class Cohort(Strict):
     count: int = Field(ge=0, le=100_000_000)
     view: dict[str, float] = Field(default_factory=lambda: {"PA": 1.0})
     demographics: Demographics = Field(default_factory=Demographics)
-    findings: dict[FindingName, FindingSpec] = Field(default_factory=dict)
+    # A mapping of findings, or "natural": drawn jointly from real co-occurrence given the
+    # job's sex, age and view (the priors), restricted to what the backend renders.
+    findings: dict[FindingName, FindingSpec] | Literal["natural"] = Field(default_factory=dict)
     masks: list[str] | None = None  # anatomy masks; None = the backend's default (DRR: lungs, heart)
     layout: Layout = Field(default_factory=Layout)
     prompt: str = DEFAULT_PROMPT
@@ -232,7 +234,14 @@ class Cohort(Strict):
     def _aliases(cls, v: Any) -> Any:
         if isinstance(v, dict):
             return {ALIASES.get(str(k), k): spec for k, spec in v.items()}
+        if isinstance(v, str) and v != "natural":
+            raise ValueError(f"expected a mapping of findings or 'natural', got {v!r}")
         return v
+
+    @property
+    def finding_specs(self) -> dict[str, FindingSpec]:
+        """The explicit finding specs ({} for `findings: natural`)."""
+        return self.findings if isinstance(self.findings, dict) else {}
 
     @field_validator("masks")
     @classmethod
@@ -342,6 +351,9 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         for m in cohort.masks or ():
             if m not in info.anatomy:
                 problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend cannot draw the {m!r} mask"))
+            elif recipe.backend == "diffusion" and layout_source(recipe, cohort) != "prior":
+                problems.append((("cohorts", i, "masks"), "the diffusion backend takes anatomy masks from the prior "
+                                 "mask library: use layout: prior"))
         for view in cohort.view:
             if view not in info.views:
                 problems.append((("cohorts", i, "view"),
@@ -352,7 +364,9 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 def _finding_problems(cohort: Cohort, i: int, supported: tuple[str, ...], backend: str) -> list[tuple[tuple, str]]:
     out: list[tuple[tuple, str]] = []
-    for name, spec in cohort.findings.items():
+    if cohort.findings == "natural":
+        return out
+    for name, spec in cohort.finding_specs.items():
         loc = ("cohorts", i, "findings", name)
         finding = BY_NAME[name]
         if spec.p > 0 and name not in supported:
@@ -364,9 +378,9 @@ def _finding_problems(cohort: Cohort, i: int, supported: tuple[str, ...], backen
                 out.append((loc + ("laterality",), f"{name} takes laterality {allowed}, not {', '.join(bad)}"))
         if spec.severity is not None and not finding.severity:
             out.append((loc + ("severity",), f"{name} takes no severity"))
-    nf = cohort.findings.get(NO_FINDING)
+    nf = cohort.finding_specs.get(NO_FINDING)
     if nf is not None and nf.p > 0:
-        others = [n for n, s in cohort.findings.items() if n != NO_FINDING and s.p > 0]
+        others = [n for n, s in cohort.finding_specs.items() if n != NO_FINDING and s.p > 0]
         if others:
             out.append((("cohorts", i, "findings", NO_FINDING, "[key]"),
                         f"'No Finding' contradicts {', '.join(others)} in the same cohort; "

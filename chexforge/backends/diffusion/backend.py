@@ -96,7 +96,7 @@ class DiffusionBackend:
 
         o = self.options
         prompts = self.pipe.prompts_for(jobs)
-        masks = [_layout_masks(j) for j in jobs]
+        masks = [_layout_masks(j, size) for j in jobs]
         control = None
         if self.pipe.transformer.control is not None:
             control = control_image.to_tensor([control_image.draw(size, j.get("boxes"), m) for j, m in zip(jobs, masks)])
@@ -125,16 +125,24 @@ class DiffusionBackend:
         return images.mean(-1) if images.ndim == 4 else images
 
 
-def _layout_masks(job: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Masks an explicit layout points at (`mask_ref` = explicit:<path>), named by finding."""
-    ref = str(job.get("mask_ref") or "")
-    path = Path(ref.removeprefix("explicit:"))
-    if not ref.startswith("explicit:") or path.suffix.lower() != ".png" or not path.is_file():
-        return {}
+def _layout_masks(job: dict[str, Any], size: int) -> dict[str, np.ndarray]:
+    """The masks a job's layout chose (`mask_ref`, `;`-separated): `explicit:<png>` named by its
+    folder (the finding), `prior:siim#...` (Pneumothorax) and `prior:lungs#...` (lungs)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return {path.parent.name: np.asarray(im.convert("L")) > 127}
+    out: dict[str, np.ndarray] = {}
+    for ref in str(job.get("mask_ref") or "").split(";"):
+        if ref.startswith("explicit:"):
+            path = Path(ref.removeprefix("explicit:"))
+            if path.suffix.lower() == ".png" and path.is_file():
+                with Image.open(path) as im:
+                    out[path.parent.name] = np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+        elif ref.startswith("prior:"):
+            from ...priors import masks as library
+
+            name = "Pneumothorax" if ref.startswith("prior:siim#") else "lungs"
+            out[name] = library.load(ref, size)
+    return out
 
 
 def _load_diffusers(folder: Path, device: torch.device, autocast: bool):

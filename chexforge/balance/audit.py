@@ -1,0 +1,118 @@
+"""Bias audit: group sizes and finding prevalence per group, and how unequal they are.
+
+Groups are the levels of each demographic variable (sex, age bin, race, view) and the
+intersection of the variables chosen with `by`. For each group: its size, its share, its size
+against the largest group (`size_ratio`), and each finding's positives and prevalence. For each
+finding: the spread of its prevalence across the intersection groups (max - min, and min / max).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
+
+VARIABLES = ("sex", "age", "race", "view")
+DEFAULT_AGE_BINS = (18, 40, 60, 80)  # adults; younger patients fall outside the groups (reported)
+
+
+def age_labels(edges: tuple[int, ...]) -> list[str]:
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        out.append(f"{lo}-{hi - 1}")
+    out.append(f"{edges[-1]}+")
+    return out
+
+
+def parse_age_bins(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return DEFAULT_AGE_BINS
+    try:
+        edges = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--age-bins takes increasing whole years like 0,18,40,60,80; got {text!r}") from None
+    if list(edges) != sorted(set(edges)) or edges[0] < 0:
+        raise UserError(f"--age-bins must increase from 0 or more; got {text!r}")
+    return edges
+
+
+def with_groups(df: pd.DataFrame, age_bins: tuple[int, ...] = DEFAULT_AGE_BINS) -> pd.DataFrame:
+    """Add the grouping columns: `age` becomes its bin label (the years stay in `age_years`)."""
+    out = df.copy()
+    out["age_years"] = df["age"]
+    labels = age_labels(age_bins)
+    idx = np.searchsorted(np.array(age_bins), df["age"].to_numpy(dtype=float), side="right") - 1
+    out["age"] = pd.Series(np.where((idx >= 0) & df["age"].notna().to_numpy(), np.array(labels, dtype=object)[idx.clip(0)], None),
+                           index=df.index, dtype=object)
+    return out
+
+
+def check_by(by: list[str]) -> list[str]:
+    bad = [v for v in by if v not in VARIABLES]
+    if bad or not by:
+        raise UserError(f"--by takes a comma list of {', '.join(VARIABLES)}; got {','.join(by) or 'nothing'}")
+    return by
+
+
+def group_table(df: pd.DataFrame, by: list[str], findings: list[str]) -> pd.DataFrame:
+    """One row per group of `by` (every combination of the levels seen, empty ones included):
+    n, share, size_ratio, positives and prevalence per finding."""
+    known = df.dropna(subset=by)
+    if known.empty:
+        return pd.DataFrame(columns=[*by, "n"])
+    levels = [sorted(known[v].astype(str).unique()) for v in by]
+    index = pd.MultiIndex.from_product(levels, names=by)
+    keyed = known.assign(**{v: known[v].astype(str) for v in by})
+    g = keyed.groupby(by, sort=True, observed=True)
+    table = g.size().rename("n").reindex(index, fill_value=0).reset_index()
+    for f in findings:
+        table[f"pos:{f}"] = g[f].sum(min_count=0).reindex(index, fill_value=0).to_numpy()
+        table[f"prev:{f}"] = g[f].mean().reindex(index).to_numpy()
+    table["share"] = table["n"] / table["n"].sum()
+    table["size_ratio"] = table["n"] / table["n"].max()
+    return table
+
+
+def audit(df: pd.DataFrame, by: list[str], findings: list[str] | None = None,
+          age_bins: tuple[int, ...] = DEFAULT_AGE_BINS) -> dict:
+    """The audit as plain data (JSON-ready)."""
+    by = check_by(list(by))
+    findings = findings or [f for f in FINDING_NAMES if f != NO_FINDING and df[f].fillna(0).sum() > 0]
+    grouped = with_groups(df, age_bins)
+    inter = group_table(grouped, by, findings)
+    report = {
+        "images": int(len(df)),
+        "by": by,
+        "age_bins": age_labels(age_bins),
+        "excluded_unknown_group": int(len(grouped) - len(grouped.dropna(subset=by))),
+        "findings": findings,
+        "groups": _rows(inter, by, findings),
+        "marginals": {v: _rows(group_table(grouped, [v], findings), [v], findings)
+                      for v in VARIABLES if grouped[v].notna().any()},
+        "imbalance": {},
+    }
+    if len(inter):
+        report["imbalance"]["size_min_over_max"] = float(inter["n"].min() / inter["n"].max())
+        for f in findings:
+            prev = inter[f"prev:{f}"].astype(float).dropna()
+            report["imbalance"][f] = {"prevalence_min": float(prev.min()), "prevalence_max": float(prev.max()),
+                                      "spread": float(prev.max() - prev.min()),
+                                      "min_over_max": float(prev.min() / prev.max()) if prev.max() > 0 else None,
+                                      "positives_min": int(inter[f"pos:{f}"].min()), "positives_max": int(inter[f"pos:{f}"].max())}
+    return report
+
+
+def _rows(table: pd.DataFrame, by: list[str], findings: list[str]) -> list[dict]:
+    rows = []
+    for r in table.to_dict("records"):
+        rows.append({"group": {v: str(r[v]) for v in by}, "n": int(r["n"]), "share": float(r["share"]),
+                     "size_ratio": float(r["size_ratio"]),
+                     "positives": {f: int(r[f"pos:{f}"]) for f in findings},
+                     "prevalence": {f: (None if pd.isna(r[f"prev:{f}"]) else float(r[f"prev:{f}"])) for f in findings}})
+    return rows
+
+
+def group_label(group: dict) -> str:
+    return " · ".join(group.values())

@@ -131,7 +131,7 @@ def _duration(seconds: float) -> str:
 @app.command()
 def generate(
     recipe: Path | None = typer.Argument(None, help="Recipe file (YAML); or give --jobs.", show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; re-running resumes it)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder or fsspec URL (created; re-running resumes it)."),
     jobs: Path | None = typer.Option(None, "--jobs", help="Run a job table written by `chexforge plan` instead of a recipe."),
     limit: int | None = typer.Option(None, "--limit", min=0, help="Make at most N new images this run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete chexforge's earlier outputs in --out first."),
@@ -139,21 +139,32 @@ def generate(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the jobs the manifest records as failed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report, write nothing."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    devices: str = typer.Option("auto", "--devices", help="auto (every GPU, else the CPU), cpu, cpu:N (N worker processes), or GPU numbers: 0,1,3."),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: make only shard i of n (e.g. $SLURM_ARRAY_TASK_ID/16); join with `chexforge merge`."),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (Ray Data on a cluster)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (e.g. auto, ray://head:10001); default: start a local Ray."),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, help="Ray actors (model copies); default: one per GPU or CPU."),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0, help="GPUs each Ray actor takes (0 = CPU actors)."),
+    export_threads: int = typer.Option(2, "--export-threads", min=1, help="Threads encoding and writing files beside the device."),
+    max_attempts: int = typer.Option(2, "--max-attempts", min=1, help="Tries per job when a worker crashes."),
 ) -> None:
     """Generate a dataset: images (PNG/DICOM), masks, COCO boxes, manifest.parquet, dataset card.
 
-    Resumable: the manifest records what is done, so re-running the same command skips finished images; a kill at any moment loses at most the batch in flight.
+    Resumable: the manifest records what is done, so re-running the same command skips finished images; a kill at any moment loses at most the batches in flight. Multi-GPU with --devices, job arrays with --shard, clusters with --engine ray.
 
-    Examples: [bold]chexforge generate recipes/quickstart.yaml --out out/q[/bold] · [bold]chexforge generate --jobs jobs.parquet --out out/q --limit 100[/bold]
+    Examples: [bold]chexforge generate recipes/quickstart.yaml --out out/q[/bold] · [bold]chexforge generate --jobs jobs.parquet --out out/q --limit 100[/bold] · [bold]chexforge generate r.yaml --out out/s3 --shard 3/16[/bold]
     """
     from .plan import plan as make_plan
     from .plan import read_jobs
     from .recipe import load_recipe
     from .recipe.schema import Recipe
     from .runtime import RunOptions, run
+    from .runtime.runner import parse_shard
 
     if (recipe is None) == (jobs is None):
         raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine takes local or ray, not {engine!r}")
     if jobs is not None:
         table, recipe_json = read_jobs(jobs)
         r = Recipe.model_validate(recipe_json)
@@ -163,14 +174,17 @@ def generate(
     if dry_run:
         _print_plan(table, r.backend)
         return
-    summary = run(table, r, out, RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size,
-                                             retry_failed=retry_failed, progress=progress))
+    options = RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
+                         progress=progress, devices=devices, engine=engine, ray_address=ray_address,
+                         ray_actors=ray_actors, gpus_per_actor=gpus_per_actor, shard=parse_shard(shard),
+                         export_threads=export_threads, max_attempts=max_attempts)
+    summary = run(table, r, out, options)
     done = summary.skipped + summary.generated + summary.failed
     line = (f"{summary.generated} new image(s) in {summary.seconds:.1f} s ({summary.rate:.2f} img/s); "
             f"{done}/{summary.planned} jobs done in {out}")
     if summary.skipped:
         line += f" ({summary.skipped} were already there)"
-    out_console.print(line, highlight=False)
+    out_console.print(line, highlight=False, soft_wrap=True)
     if summary.failed:
         err.print(f"[yellow]{summary.failed} job(s) failed[/yellow] (recorded in the manifest), e.g. {summary.errors[0]}",
                   highlight=False)
@@ -179,12 +193,68 @@ def generate(
         raise typer.Exit(130)
 
 
+# ---- status and merge -------------------------------------------------------------------------
+
+
+@app.command()
+def status(out: str = typer.Argument(..., help="An output folder (or URL) of `chexforge generate`.", show_default=False)) -> None:
+    """Progress of a running or stopped run: done, failed, rate, ETA, and the last errors."""
+    import time
+
+    from .export import manifest as mf
+    from .runtime.progress import alive, read_run
+    from .store import open_store
+
+    store = open_store(out)
+    info = read_run(store)
+    if info is None and not store.exists(mf.MANIFEST):
+        raise UserError("no run here: not a chexforge output folder", out)
+    table = mf.read_manifest(store, mf.STATUS_COLUMNS)
+    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
+    failed = table.num_rows - ok
+    t = Table(show_header=False, title=str(out))
+    if info:
+        state = info["state"]
+        if state == "running" and not alive(info):
+            state = "stopped (the process is gone; run the same command to resume)"
+        planned = info["planned"]
+        t.add_row("state", state)
+        t.add_row("engine / devices", f"{info['engine']} / {', '.join(info['devices'])}")
+        t.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])))
+        t.add_row("rate (this run)", f"{info['rate']:.2f} images/s")
+        left = max(0, planned - ok - failed)
+        if info["state"] == "running" and info["rate"] > 0 and left:
+            t.add_row("ETA", f"{_duration(left / info['rate'])} ({left} left)")
+    else:
+        planned = table.num_rows
+        t.add_row("state", "finished (no heartbeat kept)")
+    t.add_row("done", f"{ok} of {planned}" + (f" ({100 * ok / planned:.1f} %)" if planned else ""))
+    t.add_row("failed", str(failed))
+    out_console.print(t)
+    errors = [r for r in table.select(["job_id", "status", "error"]).to_pylist() if r["status"] != "ok"][:5]
+    for r in errors:
+        err.print(f"failed {r['job_id']}: {r['error']}", highlight=False)
+
+
+@app.command()
+def merge(
+    sources: list[str] = typer.Argument(..., help="Output folders (shards) of one plan.", show_default=False),
+    out: str = typer.Option(..., "--out", "-o", help="The merged dataset folder."),
+) -> None:
+    """Join shard outputs into one dataset, checking every file's SHA-256 and refusing conflicting duplicates."""
+    from .runtime.merge import merge as do_merge
+
+    info = do_merge(sources, out)
+    out_console.print(f"merged {len(sources)} folders into {out}: {info['jobs']} jobs ({info['ok']} images, "
+                      f"{info['failed']} failed), {info['files']} files verified, {info['duplicates']} duplicates dropped")
+
+
 # ---- inspect ----------------------------------------------------------------------------------
 
 
 @app.command()
 def inspect(
-    out: Path = typer.Argument(..., help="An output folder of `chexforge generate`.", show_default=False),
+    out: str = typer.Argument(..., help="An output folder (or URL) of `chexforge generate`.", show_default=False),
     sheet: Path | None = typer.Option(None, "--sheet", help="Where to write the contact sheet (default OUT/contact_sheet.png)."),
     n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
@@ -192,13 +262,15 @@ def inspect(
     """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on.
     """
     from . import atomic
+    from .export import manifest as mf
     from .export.contact_sheet import contact_sheet
-    from .export.manifest import read_manifest
     from .plan.summary import label_counts
+    from .store import open_store
 
-    if not (out / "manifest.parquet").exists() and not (out / ".parts").is_dir():
+    store = open_store(out)
+    if not store.exists(mf.MANIFEST) and not mf.part_names(store):
         raise UserError("no manifest.parquet here: not a chexforge output folder (or nothing generated yet)", out)
-    table = read_manifest(out)
+    table = mf.read_manifest(store)
     import pyarrow.compute as pc
 
     ok = table.filter(pc.equal(table.column("status"), "ok"))
@@ -211,9 +283,12 @@ def inspect(
         t.add_row(cohort, str(total.get(cohort, 0)), *[str(c.get(f, 0)) for f in findings])
     out_console.print(t)
     if ok.num_rows:
-        target = sheet or out / "contact_sheet.png"
-        atomic.write_bytes(target, contact_sheet(out, table, n=n, overlays=overlays))
-        out_console.print(f"contact sheet: {target}")
+        png = contact_sheet(store, table, n=n, overlays=overlays)
+        if sheet is not None:
+            atomic.write_bytes(sheet, png)
+        else:
+            store.write_bytes("contact_sheet.png", png)
+        out_console.print(f"contact sheet: {sheet or f'{store.root}/contact_sheet.png'}")
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -435,7 +510,7 @@ def balance_cmd(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("balance.yaml"), "--out", "-o", help="The recipe to write."),
     report: Path | None = typer.Option(None, "--report", help="Folder for the before/after audit (JSON) and chart (PNG); default next to the recipe."),
-    generate_out: Path | None = typer.Option(None, "--generate", help="Also generate the recipe into this folder now."),
+    generate_out: str | None = typer.Option(None, "--generate", help="Also generate the recipe into this folder now."),
 ) -> None:
     """Audit a real dataset and write the recipe whose synthetic images bring its groups to the target.
 
@@ -493,8 +568,10 @@ def balance_cmd(
     out_console.print(f"wrote {out} ({int(alloc['add'].sum())} images in {int((alloc['add'] > 0).sum())} cohorts) "
                       f"and {folder}/audit.png; run it with: chexforge generate {out} --out OUT")
     if generate_out is not None:
-        generate(recipe=out, out=generate_out, jobs=None, limit=None, overwrite=False, batch_size=None,
-                 retry_failed=False, dry_run=False, progress=True)
+        from .runtime import RunOptions, run
+
+        summary = run(make_plan(load_recipe(out)), load_recipe(out), str(generate_out), RunOptions())
+        out_console.print(f"generated {summary.generated} images into {generate_out}")
 
 
 def _recipe_name(path: Path) -> str:

@@ -51,6 +51,12 @@ def _drr_options() -> type[BaseModel]:
     return DRROptions
 
 
+def _simulated_options() -> type[BaseModel]:
+    from .simulated.options import SimulatedOptions
+
+    return SimulatedOptions
+
+
 def _diffusion_options() -> type[BaseModel]:
     from .diffusion.options import DiffusionOptions
 
@@ -83,6 +89,18 @@ BACKENDS: dict[str, BackendInfo] = {
         factory="chexforge.backends.diffusion.backend:DiffusionBackend",
         needs_model=True,
         seconds_per_image={"cpu": 2.0},
+    ),
+    "simulated": BackendInfo(
+        name="simulated",
+        summary="a stand-in device for pipeline benchmarks and fault tests (sleeps, returns synthetic patterns)",
+        findings=FINDING_NAMES,
+        anatomy=("lungs", "lung_left", "lung_right", "heart"),
+        views=("PA", "AP", "LL"),
+        layouts=("none", "physics", "explicit", "prior"),
+        options_model=_simulated_options,
+        factory="chexforge.backends.simulated.backend:SimulatedBackend",
+        seconds_per_image={"cpu": 0.0},
+        default_layout="none",
     ),
 }
 

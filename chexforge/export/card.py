@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 
-from .. import __version__, atomic
+from .. import __version__
 from ..recipe.vocabulary import FINDING_NAMES
+from ..store import Store
 
 
 def build_card(manifest: pa.Table, recipe: dict) -> str:
@@ -90,5 +90,5 @@ def _first(df, col: str) -> str:
     return str(df[col].iloc[0]) if len(df) and col in df else "-"
 
 
-def write_card(out: Path, manifest: pa.Table, recipe: dict) -> None:
-    atomic.write_text(Path(out) / "README.md", build_card(manifest, recipe))
+def write_card(store: Store, manifest: pa.Table, recipe: dict) -> None:
+    store.write_text("README.md", build_card(manifest, recipe))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 
-from .. import atomic
 from ..recipe.vocabulary import FINDINGS
+from ..store import Store
 
 
 def build_coco(manifest: pa.Table, description: str = "") -> dict:
@@ -35,5 +34,5 @@ def build_coco(manifest: pa.Table, description: str = "") -> dict:
             "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def write_coco(out: Path, manifest: pa.Table, description: str = "") -> None:
-    atomic.write_text(Path(out) / "coco.json", json.dumps(build_coco(manifest, description), indent=1))
+def write_coco(store: Store, manifest: pa.Table, description: str = "") -> None:
+    store.write_text("coco.json", json.dumps(build_coco(manifest, description), indent=1))

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
+from ..store import Store, open_store
 from .png import read_png
 
 ANATOMY_COLOURS = {"lungs": (60, 220, 90), "lung_left": (60, 220, 90), "lung_right": (60, 220, 90), "heart": (235, 70, 70)}
@@ -27,13 +28,14 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return m & ~inner
 
 
-def tile(out: Path, row: dict, size: int, overlays: bool = True) -> Image.Image:
-    image = read_png(out / row["image_png"]) if row.get("image_png") else _dicom_pixels(out / row["image_dicom"])
+def tile(store: Store, row: dict, size: int, overlays: bool = True) -> Image.Image:
+    image = read_png(io.BytesIO(store.read_bytes(row["image_png"]))) if row.get("image_png") else \
+        _dicom_pixels(io.BytesIO(store.read_bytes(row["image_dicom"])))
     grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     rgb = np.stack([grey] * 3, -1)
     if overlays:
         for m in row.get("masks") or []:
-            mask = read_png(out / m["path"])
+            mask = read_png(io.BytesIO(store.read_bytes(m["path"])))
             colour = ANATOMY_COLOURS.get(m["name"], LESION_COLOUR)
             rgb[_outline(mask)] = colour
     im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
@@ -48,10 +50,10 @@ def tile(out: Path, row: dict, size: int, overlays: bool = True) -> Image.Image:
     return im
 
 
-def _dicom_pixels(path: Path) -> np.ndarray:
+def _dicom_pixels(data) -> np.ndarray:
     import pydicom
 
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(data)
     return ds.pixel_array.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
 
 
@@ -62,11 +64,12 @@ def caption(row: dict, findings: list[str]) -> str:
     return f"{row['cohort']} · {row['view']} {row['sex']}{row['age']}\n{text}"
 
 
-def contact_sheet(out: Path, manifest: pa.Table, n: int = 24, tile_px: int = 256, columns: int = 6,
+def contact_sheet(out: Store | str | Path, manifest: pa.Table, n: int = 24, tile_px: int = 256, columns: int = 6,
                   overlays: bool = True) -> bytes:
     """PNG bytes of up to `n` images, spread evenly over the cohorts."""
     from ..recipe.vocabulary import FINDING_NAMES
 
+    store = out if isinstance(out, Store) else open_store(out)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).to_pylist()
     picked = _spread(ok, n)
     if not picked:
@@ -80,7 +83,7 @@ def contact_sheet(out: Path, manifest: pa.Table, n: int = 24, tile_px: int = 256
     findings = [f for f in FINDING_NAMES if f != "No Finding"]
     for i, row in enumerate(picked):
         x, y = (i % columns) * tile_px, (i // columns) * (tile_px + cap)
-        sheet.paste(tile(out, row, tile_px, overlays), (x, y))
+        sheet.paste(tile(store, row, tile_px, overlays), (x, y))
         draw.multiline_text((x + 4, y + tile_px + 2), caption(row, findings), fill=(230, 230, 230), font=font, spacing=2)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")

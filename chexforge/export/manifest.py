@@ -1,29 +1,31 @@
 """The manifest (out/manifest.parquet): what is done, where it is, and how it was made.
 
 Every job column, plus the files written (relative to out/) with their SHA-256, the boxes and
-masks actually realised, the backend identity and timings. While a run goes it commits one
-part file per batch under out/.parts/ (atomically, after the batch's files are in place);
-`merge_parts` folds them into manifest.parquet, again atomically. A run resumes from the union
-of both, so a kill at any instant loses at most the batch in flight.
+masks actually realised, the backend identity and timings. While a run goes, every batch
+commits a part file under out/.parts/ (atomically, after the batch's files are in place); long
+runs compact parts as they go, and `merge_parts` folds them into manifest.parquet at the end,
+again atomically. A run resumes from the union of both, so a kill at any instant loses at most
+the batches in flight.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import atomic
 from ..errors import UserError
-from ..plan.jobs import BOXES, job_schema, table_bytes
+from ..plan.jobs import BOXES, job_schema, table_bytes, with_recipe
+from ..store import Store, as_store
 
 MANIFEST = "manifest.parquet"
 PARTS = ".parts"
 
 FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
+STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
 
 
 def manifest_schema() -> pa.Schema:
@@ -50,70 +52,89 @@ def manifest_schema() -> pa.Schema:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    schema = manifest_schema()
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=manifest_schema())
 
 
-def write_part(out: Path, rows: list[dict], name: str) -> Path:
-    path = out / PARTS / f"{name}.parquet"
-    atomic.write_bytes(path, table_bytes(rows_to_table(rows)))
-    return path
+def write_part(store: Store, rows: list[dict], name: str) -> str:
+    store = as_store(store)
+    rel = f"{PARTS}/{name}.parquet"
+    store.write_bytes(rel, table_bytes(rows_to_table(rows)))
+    return rel
 
 
-def read_manifest(out: Path) -> pa.Table:
-    """manifest.parquet plus every committed part; the last row for a job id wins."""
-    out = Path(out)
-    tables = []
-    main = out / MANIFEST
-    if main.exists():
-        tables.append(_read(main))
-    parts = sorted((out / PARTS).glob("*.parquet")) if (out / PARTS).is_dir() else []
-    tables += [_read(p) for p in parts]
-    if not tables:
-        return manifest_schema().empty_table()
-    table = pa.concat_tables([t.cast(manifest_schema()) for t in tables])
-    return _last_per_job(table)
+def part_names(store: Store) -> list[str]:
+    store = as_store(store)
+    return store.glob(f"{PARTS}/*.parquet")
 
 
-def _read(path: Path) -> pa.Table:
+def _read(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:
     try:
-        t = pq.read_table(path)
+        t = pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"the manifest is unreadable ({e}); it was not written by a complete chexforge run", path) from None
-    missing = [f.name for f in manifest_schema() if f.name not in t.column_names]
+        raise UserError(f"the manifest is unreadable ({e}); it was not written by a complete chexforge run",
+                        f"{store.root}/{rel}") from None
+    want = columns or manifest_schema().names
+    missing = [c for c in want if c not in t.column_names]
     if missing:
-        raise UserError(f"not a chexforge manifest: missing {', '.join(missing[:4])}", path)
-    return t.select(manifest_schema().names)
+        raise UserError(f"not a chexforge manifest: missing {', '.join(missing[:4])}", f"{store.root}/{rel}")
+    schema = manifest_schema()
+    return t.select(want).cast(pa.schema([schema.field(c) for c in want]))
 
 
-def _last_per_job(table: pa.Table) -> pa.Table:
+def sources(store: Store) -> list[str]:
+    """manifest.parquet (if any) then the parts, oldest first: later rows win."""
+    return ([MANIFEST] if store.exists(MANIFEST) else []) + part_names(store)
+
+
+def read_manifest(store: Store, columns: list[str] | None = None) -> pa.Table:
+    """manifest.parquet plus every committed part; the last row for a job id wins."""
+    store = as_store(store)
+    tables = [_read(store, rel, columns) for rel in sources(store)]
+    if not tables:
+        schema = manifest_schema()
+        return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
+    return last_per_job(pa.concat_tables(tables))
+
+
+def last_per_job(table: pa.Table) -> pa.Table:
     ids = table.column("job_id").to_pylist()
     last = {job_id: i for i, job_id in enumerate(ids)}
     if len(last) == len(ids):
         return table
-    keep = sorted(last.values())
-    return table.take(pa.array(keep))
+    return table.take(pa.array(sorted(last.values()), pa.int64()))
 
 
-def merge_parts(out: Path, order: list[str] | None = None, recipe_json: dict | None = None) -> pa.Table:
-    """Fold parts into manifest.parquet (atomically), then delete the parts."""
-    out = Path(out)
-    table = read_manifest(out)
-    if order is not None:  # plan order, so the manifest reads like the job table
-        pos = {job_id: i for i, job_id in enumerate(order)}
-        ids = table.column("job_id").to_pylist()
-        ranked = sorted(range(len(ids)), key=lambda i: (pos.get(ids[i], len(pos)), ids[i]))
-        table = table.take(pa.array(ranked, pa.int64()))
+def compact_parts(store: Store, name: str, keep_last: int = 0) -> int:
+    """Fold all but the newest `keep_last` parts into one (atomically, then delete them)."""
+    store = as_store(store)
+    parts = part_names(store)
+    fold = parts[: max(0, len(parts) - keep_last)]
+    if len(fold) < 2:
+        return 0
+    table = last_per_job(pa.concat_tables([_read(store, rel) for rel in fold]))
+    store.write_bytes(f"{PARTS}/{name}.parquet", table_bytes(table))
+    for rel in fold:
+        store.remove(rel)
+    return len(fold)
+
+
+def merge_parts(store: Store, order: pa.Array | None = None, recipe_json: dict | None = None) -> pa.Table:
+    """Fold the parts into manifest.parquet (atomically), then delete the parts; return it.
+
+    `order` (the plan's job ids) sorts the manifest like the job table."""
+    store = as_store(store)
+    parts = part_names(store)
+    table = read_manifest(store)
+    if order is not None:
+        ranks = pc.fill_null(pc.index_in(table.column("job_id"), value_set=order), len(order))
+        table = table.take(pc.sort_indices(pa.table({"r": ranks, "id": table.column("job_id")}),
+                                           sort_keys=[("r", "ascending"), ("id", "ascending")]))
     if recipe_json is not None:
-        from ..plan.jobs import with_recipe
-
         table = with_recipe(table, recipe_json)
-    atomic.write_bytes(out / MANIFEST, table_bytes(table))
-    atomic.fsync_dir(out)
-    parts = out / PARTS
-    if parts.is_dir():
-        for p in parts.glob("*.parquet"):
-            os.unlink(p)
+    store.write_bytes(MANIFEST, table_bytes(table))
+    store.sync()
+    for rel in parts:
+        store.remove(rel)
     return table
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import atomic
 from ..backends.base import Sample
+from ..store import Store
 from . import png
 from .dicom import dx_bytes
 
@@ -31,7 +30,7 @@ def paths(job: dict[str, Any]) -> dict[str, str]:
             "masks": f"masks/{cohort}/{job_id}"}
 
 
-def export_sample(out: Path, job: dict[str, Any], sample: Sample, formats: list[str], write_masks: bool,
+def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: list[str], write_masks: bool,
                   identity: dict[str, Any], seconds_generate: float, attempts: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {**job, "backend": identity.get("backend"), "backend_version": identity.get("backend_version"),
@@ -44,16 +43,16 @@ def export_sample(out: Path, job: dict[str, Any], sample: Sample, formats: list[
     where = paths(job)
     if "png" in formats:
         row["image_png"] = where["png"]
-        row["sha256_png"] = atomic.write_bytes(out / where["png"], png.png16_bytes(sample.image))
+        row["sha256_png"] = store.write_bytes(where["png"], png.png16_bytes(sample.image))
     if "dicom" in formats:
         pixel_mm = (sample.meta.get("geometry") or {}).get("pixel_mm")
         row["image_dicom"] = where["dicom"]
-        row["sha256_dicom"] = atomic.write_bytes(out / where["dicom"], dx_bytes(sample.image, job, pixel_mm, identity))
+        row["sha256_dicom"] = store.write_bytes(where["dicom"], dx_bytes(sample.image, job, pixel_mm, identity))
     masks = []
     if write_masks:
         for name, mask in sorted(sample.masks.items()):
             rel = f"{where['masks']}_{slug(name)}.png"
-            masks.append({"name": name, "path": rel, "sha256": atomic.write_bytes(out / rel, png.mask_bytes(np.asarray(mask)))})
+            masks.append({"name": name, "path": rel, "sha256": store.write_bytes(rel, png.mask_bytes(np.asarray(mask)))})
     row.update(status="ok", error=None, masks=masks, realised_boxes=sample.boxes,
                meta=json.dumps(sample.meta, sort_keys=True, default=_jsonable),
                seconds_export=time.perf_counter() - t0)

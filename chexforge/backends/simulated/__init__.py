@@ -1,0 +1,1 @@
+"""A simulated device for benchmarks and fault tests: it sleeps like a GPU and returns images with masks."""

@@ -1,0 +1,99 @@
+"""One worker's engine: a loaded backend, an export thread pool and the output store.
+
+The same object runs in the main process (one CPU device), in a worker process per device, and
+inside a Ray actor. `submit` generates a batch now and exports it on the thread pool, so the
+device moves on to the next batch while PNG/DICOM encoding and writing happen (zlib and file
+I/O release the GIL). A batch's manifest part is committed after all its files are in place.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import Sample
+from ..backends.registry import load_backend
+from ..export import manifest as mf
+from ..export.writer import export_sample
+from ..recipe.schema import Recipe
+from ..store import open_store
+
+
+@dataclass
+class BatchResult:
+    batch_id: int
+    ok: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds_device: float = 0.0
+    seconds_export: float = 0.0
+    job_ids: list[str] = field(default_factory=list)
+
+
+def recipe_from_json(recipe_json: dict, base_dir: str | None) -> Recipe:
+    recipe = Recipe.model_validate(recipe_json)
+    if base_dir:
+        recipe._base_dir = Path(base_dir)
+    return recipe
+
+
+class BatchRunner:
+    def __init__(self, recipe: Recipe, store_root: str, device: str | None = None, export_threads: int = 2):
+        self.recipe = recipe
+        self.store = open_store(store_root)
+        options = dict(recipe.backend_options)
+        if device is not None:
+            options["device"] = device
+        self.backend = load_backend(recipe.backend, options, size=recipe.output.size,
+                                    model=recipe.resolve_path(recipe.model) if recipe.model else None)
+        self.identity = self.backend.identity()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, export_threads))
+
+    def generate(self, rows: list[dict[str, Any]]) -> tuple[list[Sample], float]:
+        """One batch; if the backend raises, retry job by job so one bad job fails alone."""
+        t0 = time.perf_counter()
+        try:
+            samples = self.backend.generate(rows)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - isolate the failing job below
+            samples = []
+            for row in rows:
+                try:
+                    samples += self.backend.generate([row])
+                except Exception as e:  # noqa: BLE001 - recorded in the manifest, never dropped
+                    samples.append(Sample(row["job_id"], np.zeros((0, 0), np.float32), error=f"{type(e).__name__}: {e}"))
+        return samples, time.perf_counter() - t0
+
+    def export(self, batch_id: int, rows: list[dict], samples: list[Sample], seconds: float, attempt: int,
+               part: str) -> BatchResult:
+        t0 = time.perf_counter()
+        fmt, masks = self.recipe.output.formats, self.recipe.output.masks
+        per_image = seconds / max(1, len(rows))
+        records = [export_sample(self.store, row, s, fmt, masks, self.identity, per_image, attempt)
+                   for row, s in zip(rows, samples)]
+        mf.write_part(self.store, records, part)
+        failed = [f"{r['job_id']}: {r['error']}" for r in records if r["status"] != "ok"]
+        return BatchResult(batch_id, len(records) - len(failed), len(failed), failed, seconds,
+                           time.perf_counter() - t0, [r["job_id"] for r in records])
+
+    def submit(self, batch_id: int, rows: list[dict], attempt: int, part: str) -> Future:
+        samples, seconds = self.generate(rows)
+        return self.pool.submit(self.export, batch_id, rows, samples, seconds, attempt, part)
+
+    def run(self, batch_id: int, rows: list[dict], attempt: int, part: str) -> BatchResult:
+        return self.submit(batch_id, rows, attempt, part).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def failed_rows(rows: list[dict], error: str, attempts: int) -> list[dict]:
+    """Manifest rows for jobs that could not be made at all (a worker kept crashing on them)."""
+    return [{**row, "status": "failed", "error": error, "masks": [], "realised_boxes": [], "attempts": attempts}
+            for row in rows]

@@ -32,11 +32,11 @@ cohorts:
 
 CHILD = """
 import json, resource, sys, time
-from chexforge.plan import plan
 from chexforge.recipe import load_recipe
 from chexforge.runtime import RunOptions, run
+from chexforge.runtime.jobs import JobSource
 r = load_recipe(sys.argv[1])
-jobs = plan(r)
+jobs = JobSource.from_recipe(r)  # planned in chunks as the run goes, as `chexforge generate` does
 t0 = time.perf_counter()
 s = run(jobs, r, sys.argv[2], RunOptions(progress=False, engine=sys.argv[3], devices="cpu", ray_actors=1))
 print(json.dumps({"wall": s.seconds, "device": s.device_seconds, "total": time.perf_counter() - t0,

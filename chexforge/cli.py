@@ -165,20 +165,23 @@ def generate(
         raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
     if engine not in ("local", "ray"):
         raise UserError(f"--engine takes local or ray, not {engine!r}")
+    from .runtime.jobs import JobSource
+
     if jobs is not None:
-        table, recipe_json = read_jobs(jobs)
+        recipe_json = read_jobs(jobs, header_only=True)
         r = Recipe.model_validate(recipe_json)
+        source = JobSource.from_parquet(jobs)
     else:
         r = load_recipe(recipe)
-        table = make_plan(r)
+        source = JobSource.from_recipe(r)  # planned chunk by chunk as the run goes
     if dry_run:
-        _print_plan(table, r.backend)
+        _print_plan(read_jobs(jobs)[0] if jobs is not None else make_plan(r), r.backend)
         return
     options = RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
                          progress=progress, devices=devices, engine=engine, ray_address=ray_address,
                          ray_actors=ray_actors, gpus_per_actor=gpus_per_actor, shard=parse_shard(shard),
                          export_threads=export_threads, max_attempts=max_attempts)
-    summary = run(table, r, out, options)
+    summary = run(source, r, out, options)
     done = summary.skipped + summary.generated + summary.failed
     line = (f"{summary.generated} new image(s) in {summary.seconds:.1f} s ({summary.rate:.2f} img/s); "
             f"{done}/{summary.planned} jobs done in {out}")

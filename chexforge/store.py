@@ -62,6 +62,16 @@ class Store:
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
 
+    @contextlib.contextmanager
+    def open_write(self, rel: str):
+        """A binary file to stream into; it replaces `rel` only when the block ends without error."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as tmp:  # spooled locally, then committed as one write
+            yield tmp
+            tmp.seek(0)
+            self.write_bytes(rel, tmp.read())
+
     def __str__(self) -> str:
         return self.root
 
@@ -79,6 +89,14 @@ class LocalStore(Store):
 
     def read_bytes(self, rel: str) -> bytes:
         return (self.path / rel).read_bytes()
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str):
+        try:
+            with atomic.atomic_open(self.path / rel) as f:
+                yield f
+        except OSError as e:
+            raise atomic.disk_error(e, self.path / rel) from None
 
     def exists(self, rel: str) -> bool:
         return (self.path / rel).exists()

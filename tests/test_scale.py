@@ -205,7 +205,10 @@ def test_compaction_keeps_every_row(tmp_path):
         mf.write_part(store, rows[2 * k:2 * k + 2], f"p{k}")
     mf.write_part(store, [{**rows[0], "status": "failed", "error": "later"}], "p9")
     assert len(mf.part_names(store)) == 6
-    assert mf.compact_parts(store, "compact-1", keep_last=1) == 5
+    assert mf.compact_parts(store, keep_last=1) == 5
+    assert len(mf.part_names(store)) == 2
+    mf.write_part(store, rows[:1], "p10")
+    assert mf.compact_parts(store) == 2  # the earlier compacted part is not read again
     assert len(mf.part_names(store)) == 2
     table = mf.read_manifest(store).to_pandas().set_index("job_id")
     assert len(table) == 10 and table.loc[f"{0:016x}", "status"] == "failed"

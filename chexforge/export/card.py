@@ -4,18 +4,67 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from .. import __version__
 from ..recipe.vocabulary import FINDING_NAMES
 from ..store import Store
 
+CARD_COLUMNS = ["job_id", "cohort", "status", "error", "sex", "age", "view", "backend", "model", "model_hash",
+                "sampler", *FINDING_NAMES]
 
-def build_card(manifest: pa.Table, recipe: dict) -> str:
-    df = manifest.to_pandas()
-    ok = df[df["status"] == "ok"]
-    failed = df[df["status"] != "ok"]
-    present = [f for f in FINDING_NAMES if f in ok and ok[f].sum() > 0]
+
+class _Stats:
+    """Per-cohort counts, accumulated batch by batch (no table of all rows is ever held)."""
+
+    def __init__(self) -> None:
+        self.cohorts: dict[str, dict] = {}
+        self.failed: list[tuple[str, str]] = []
+        self.n_failed = 0
+        self.identity: dict | None = None
+
+    def add(self, df: pd.DataFrame) -> None:
+        ok = df[df["status"] == "ok"]
+        bad = df[df["status"] != "ok"]
+        self.n_failed += len(bad)
+        self.failed += [(r.job_id, r.error) for r in bad.head(20 - len(self.failed)).itertuples()] if len(self.failed) < 20 else []
+        if self.identity is None and len(ok):
+            self.identity = {c: str(ok[c].iloc[0]) for c in ("backend", "model", "model_hash", "sampler")}
+        for cohort, g in ok.groupby("cohort", sort=False):
+            c = self.cohorts.setdefault(cohort, {"n": 0, "F": 0, "M": 0, "ages": np.zeros(122, np.int64),
+                                                 "views": {}, "findings": dict.fromkeys(FINDING_NAMES, 0)})
+            c["n"] += len(g)
+            c["F"] += int((g["sex"] == "F").sum())
+            c["M"] += int((g["sex"] == "M").sum())
+            c["ages"] += np.bincount(g["age"].fillna(121).clip(0, 121).astype(int), minlength=122)
+            for view, k in g["view"].value_counts().items():
+                c["views"][view] = c["views"].get(view, 0) + int(k)
+            for f in FINDING_NAMES:
+                c["findings"][f] += int(g[f].sum())
+
+
+def _age_summary(hist: np.ndarray) -> str:
+    known = hist[:121]
+    if known.sum() == 0:
+        return "-"
+    cum = np.cumsum(known)
+    median = int(np.searchsorted(cum, (cum[-1] + 1) // 2))
+    ages = np.flatnonzero(known)
+    return f"{median} ({ages.min()}-{ages.max()})"
+
+
+def build_card(manifest, recipe: dict) -> str:
+    """`manifest`: a table or record batches of it (the card reads only the columns it needs)."""
+    stats = _Stats()
+    batches = manifest.to_batches(max_chunksize=8192) if isinstance(manifest, pa.Table) else manifest
+    for batch in batches:
+        cols = [c for c in CARD_COLUMNS if c in batch.schema.names]
+        stats.add(batch.select(cols).to_pandas())
+    n_ok = sum(c["n"] for c in stats.cohorts.values())
+    ident = stats.identity or {}
+    present = [f for f in FINDING_NAMES if any(c["findings"][f] for c in stats.cohorts.values())]
     lines = [
         f"# {recipe.get('name', 'chexforge dataset')}",
         "",
@@ -26,9 +75,9 @@ def build_card(manifest: pa.Table, recipe: dict) -> str:
         "",
         "## Contents",
         "",
-        f"- {len(ok)} images ({len(failed)} jobs failed and are listed in the manifest with their error)",
-        f"- backend: `{_first(ok, 'backend')}`, model `{_first(ok, 'model')}` (hash `{_first(ok, 'model_hash')}`)",
-        f"- sampler settings: `{_first(ok, 'sampler')}`",
+        f"- {n_ok} images ({stats.n_failed} jobs failed and are listed in the manifest with their error)",
+        f"- backend: `{ident.get('backend', '-')}`, model `{ident.get('model', '-')}` (hash `{ident.get('model_hash', '-')}`)",
+        f"- sampler settings: `{ident.get('sampler', '-')}`",
         f"- recipe seed: {recipe.get('seed')}; each job's own seed is in the `seed` column",
         f"- image size: {recipe.get('output', {}).get('size')} px; formats: {', '.join(recipe.get('output', {}).get('formats', []))}",
         f"- made with chexforge {__version__}",
@@ -38,15 +87,13 @@ def build_card(manifest: pa.Table, recipe: dict) -> str:
         "| cohort | images | " + " | ".join(present) + " |",
         "|---|---|" + "---|" * len(present),
     ]
-    for cohort, g in ok.groupby("cohort", sort=False):
-        lines.append(f"| {cohort} | {len(g)} | " + " | ".join(str(int(g[f].sum())) for f in present) + " |")
+    for cohort, c in stats.cohorts.items():
+        lines.append(f"| {cohort} | {c['n']} | " + " | ".join(str(c["findings"][f]) for f in present) + " |")
     lines += ["", "### Demographics", "", "| cohort | female | male | age (median, range) | views |", "|---|---|---|---|---|"]
-    for cohort, g in ok.groupby("cohort", sort=False):
-        views = ", ".join(f"{k} {v}" for k, v in g["view"].value_counts().items())
-        age = f"{int(g['age'].median())} ({int(g['age'].min())}-{int(g['age'].max())})" if len(g) else "-"
-        lines.append(f"| {cohort} | {(g['sex'] == 'F').sum()} | {(g['sex'] == 'M').sum()} | {age} | {views} |")
+    for cohort, c in stats.cohorts.items():
+        views = ", ".join(f"{k} {v}" for k, v in sorted(c["views"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {cohort} | {c['F']} | {c['M']} | {_age_summary(c['ages'])} | {views} |")
     lines += [
-        "",
         "## Layout",
         "",
         "- `images/<cohort>/<job_id>.png`: 16-bit grayscale PNG, MONOCHROME2 (bright = dense)",
@@ -78,17 +125,13 @@ def build_card(manifest: pa.Table, recipe: dict) -> str:
         "(run it from this folder, or prefix the paths with it).",
         "",
     ]
-    if len(failed):
+    if stats.failed:
         lines += ["## Failed jobs", "", "| job_id | error |", "|---|---|"]
-        lines += [f"| {r.job_id} | {r.error} |" for r in failed.head(20).itertuples()]
+        lines += [f"| {job} | {error} |" for job, error in stats.failed]
         lines.append("")
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=1), "```", ""]
     return "\n".join(lines)
 
 
-def _first(df, col: str) -> str:
-    return str(df[col].iloc[0]) if len(df) and col in df else "-"
-
-
-def write_card(store: Store, manifest: pa.Table, recipe: dict) -> None:
+def write_card(store: Store, manifest, recipe: dict) -> None:
     store.write_text("README.md", build_card(manifest, recipe))

@@ -14,7 +14,6 @@ import io
 import json
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UserError
@@ -104,38 +103,102 @@ def last_per_job(table: pa.Table) -> pa.Table:
     return table.take(pa.array(sorted(last.values()), pa.int64()))
 
 
-def compact_parts(store: Store, name: str, keep_last: int = 0) -> int:
-    """Fold all but the newest `keep_last` parts into one (atomically, then delete them)."""
+COMPACTED = "-compacted"
+
+
+def compact_parts(store: Store, keep_last: int = 0) -> int:
+    """Fold the per-batch parts (all but the newest `keep_last`) into one, atomically, then delete
+    them. The new part is named after the first one it folds, so part order (commit order) holds;
+    earlier compacted parts are left alone, so each compaction reads a bounded amount."""
     store = as_store(store)
-    parts = part_names(store)
+    parts = [p for p in part_names(store) if not p.endswith(COMPACTED + ".parquet")]
     fold = parts[: max(0, len(parts) - keep_last)]
     if len(fold) < 2:
         return 0
-    table = last_per_job(pa.concat_tables([_read(store, rel) for rel in fold]))
-    store.write_bytes(f"{PARTS}/{name}.parquet", table_bytes(table))
+    _stream_merge(store, fold, fold[0].removesuffix(".parquet") + COMPACTED + ".parquet", manifest_schema())
     for rel in fold:
         store.remove(rel)
     return len(fold)
 
 
-def merge_parts(store: Store, order: pa.Array | None = None, recipe_json: dict | None = None) -> pa.Table:
-    """Fold the parts into manifest.parquet (atomically), then delete the parts; return it.
-
-    `order` (the plan's job ids) sorts the manifest like the job table."""
+def merge_parts(store: Store, recipe_json: dict | None = None) -> int:
+    """Stream manifest.parquet and the parts into a new manifest.parquet (atomically), keeping
+    the last row of each job, then delete the parts. Rows keep the order their batches were
+    committed in (plan order for a single run). Returns the number of rows."""
     store = as_store(store)
-    parts = part_names(store)
-    table = read_manifest(store)
-    if order is not None:
-        ranks = pc.fill_null(pc.index_in(table.column("job_id"), value_set=order), len(order))
-        table = table.take(pc.sort_indices(pa.table({"r": ranks, "id": table.column("job_id")}),
-                                           sort_keys=[("r", "ascending"), ("id", "ascending")]))
+    srcs = sources(store)
+    schema = manifest_schema()
     if recipe_json is not None:
-        table = with_recipe(table, recipe_json)
-    store.write_bytes(MANIFEST, table_bytes(table))
+        schema = schema.with_metadata(with_recipe(schema.empty_table(), recipe_json).schema.metadata)
+    rows = _stream_merge(store, srcs, MANIFEST, schema)
     store.sync()
-    for rel in parts:
-        store.remove(rel)
-    return table
+    for rel in srcs:
+        if rel != MANIFEST:
+            store.remove(rel)
+    return rows
+
+
+def _stream_merge(store: Store, srcs: list[str], target: str, schema: pa.Schema) -> int:
+    """Write the rows of `srcs` (the last one of each job id) to `target`, one source in memory
+    at a time."""
+    from ..runtime.jobs import ids_u64
+
+    keep = _last_occurrence([ids_u64(_read(store, rel, ["job_id"]).column("job_id")) for rel in srcs])
+    rows = 0
+    plain = manifest_schema()
+    with store.open_write(target) as f:
+        writer = pq.ParquetWriter(f, schema, compression="zstd")
+        for rel, mask in zip(srcs, keep):
+            if not mask.any():
+                continue
+            start = 0
+            for batch in _batches(store, rel, plain):
+                part = pa.Table.from_batches([batch], plain)
+                m = mask[start:start + batch.num_rows]
+                start += batch.num_rows
+                part = part if m.all() else part.filter(pa.array(m))
+                writer.write_table(part.replace_schema_metadata(schema.metadata))
+                rows += part.num_rows
+        if rows == 0:
+            writer.write_table(schema.empty_table())
+        writer.close()
+    return rows
+
+
+def _batches(store: Store, rel: str, schema: pa.Schema, size: int = 4096):
+    """A source's rows in record batches of the manifest schema (parts are written with it)."""
+    local = store.local_path(rel)
+    pf = pq.ParquetFile(str(local) if local is not None else io.BytesIO(store.read_bytes(rel)))
+    if pf.schema_arrow.remove_metadata() != schema:
+        yield from _read(store, rel).to_batches(max_chunksize=size)  # an older layout: cast once
+        return
+    yield from pf.iter_batches(batch_size=size)
+
+
+def _last_occurrence(ids: list) -> list:
+    """Per source, a mask of the rows that are the last occurrence of their job id."""
+    import numpy as np
+
+    if not ids:
+        return []
+    flat = np.concatenate(ids)
+    if not len(flat):
+        return [np.zeros(0, bool) for _ in ids]
+    _, first_rev = np.unique(flat[::-1], return_index=True)  # first in reverse = last
+    last = np.zeros(len(flat), dtype=bool)
+    last[len(flat) - 1 - first_rev] = True
+    bounds = np.cumsum([0] + [len(a) for a in ids])
+    return [last[bounds[k]:bounds[k + 1]] for k in range(len(ids))]
+
+
+def iter_manifest(store: Store, columns: list[str] | None = None, batch_size: int = 8192):
+    """Record batches of manifest.parquet, a few thousand rows at a time."""
+    store = as_store(store)
+    if not store.exists(MANIFEST):
+        return
+    local = store.local_path(MANIFEST)
+    source = str(local) if local is not None else io.BytesIO(store.read_bytes(MANIFEST))
+    yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def sampler_json(identity: dict) -> str:

@@ -62,7 +62,7 @@ def with_recipe(table: pa.Table, recipe_json: dict) -> pa.Table:
 
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=65536)  # row groups: streamable
     return buf.getvalue()
 
 
@@ -70,19 +70,23 @@ def write_jobs(table: pa.Table, path: str | Path) -> None:
     atomic.write_bytes(path, table_bytes(table))
 
 
-def read_jobs(path: str | Path) -> tuple[pa.Table, dict]:
-    """Read a jobs file (or a manifest: it holds every job column); return it and its recipe."""
+def read_jobs(path: str | Path, header_only: bool = False):
+    """Read a jobs file (or a manifest: it holds every job column); return it and its recipe.
+    `header_only`: check the columns and return just the recipe (the rows are streamed later)."""
     path = Path(path)
     if not path.exists():
         raise UserError("no such jobs file", path)
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"not a readable Parquet file ({e})", path) from None
-    missing = [c for c in JOB_COLUMNS if c not in table.column_names]
+    missing = [c for c in JOB_COLUMNS if c not in schema.names]
     if missing:
         raise UserError(f"not a chexforge jobs table: missing columns {', '.join(missing[:5])}", path)
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     if RECIPE_KEY not in meta:
         raise UserError("the jobs table carries no recipe (write it with `chexforge plan`)", path)
-    return table.select(list(JOB_COLUMNS)), json.loads(meta[RECIPE_KEY])
+    recipe = json.loads(meta[RECIPE_KEY])
+    if header_only:
+        return recipe
+    return pq.read_table(path, columns=list(JOB_COLUMNS)), recipe

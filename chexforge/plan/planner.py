@@ -32,10 +32,13 @@ def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
     return rng.key_of(stable_hash(material))
 
 
+CHUNK = 16384
+
+
 def plan(recipe: Recipe) -> pa.Table:
     """All jobs of a recipe, cohort by cohort, index ascending."""
     schema = job_schema()
-    tables = [plan_cohort(recipe, c) for c in recipe.cohorts]
+    tables = list(iter_plan(recipe, chunk=None))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     raw = np.concatenate([rng.bits(cohort_key(recipe, c), np.arange(c.count, dtype=np.uint64), "id")
                           for c in recipe.cohorts])
@@ -45,12 +48,22 @@ def plan(recipe: Recipe) -> pa.Table:
     return with_recipe(table, recipe_dict(recipe))
 
 
-def plan_cohort(recipe: Recipe, cohort: Cohort) -> pa.Table:
-    n = cohort.count
+def iter_plan(recipe: Recipe, chunk: int | None = CHUNK):
+    """The same jobs as `plan`, as tables of at most `chunk` rows (memory bounded by the chunk)."""
+    for cohort in recipe.cohorts:
+        step = chunk or max(cohort.count, 1)
+        for start in range(0, cohort.count, step):
+            yield plan_cohort(recipe, cohort, start, min(cohort.count, start + step))
+
+
+def plan_cohort(recipe: Recipe, cohort: Cohort, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Jobs `start`..`stop` of a cohort (every draw depends only on the job's index)."""
+    stop = cohort.count if stop is None else stop
+    n = stop - start
     key = cohort_key(recipe, cohort)
-    index = np.arange(n, dtype=np.uint64)
+    index = np.arange(start, stop, dtype=np.uint64)
     demo = cohort.demographics
-    u = rng.Streams(key, n, sampling.stream_names(cohort))
+    u = rng.Streams(key, n, sampling.stream_names(cohort), start)
 
     cols: dict[str, pa.Array] = {
         "job_id": rng.hex64(rng.bits(key, index, "id")),

@@ -50,7 +50,7 @@ def uniform(key: int, index: np.ndarray, stream: int | str) -> np.ndarray:
 class Streams:
     """Uniforms in [0, 1) for `n` jobs, one named stream per Sobol' dimension."""
 
-    def __init__(self, key: int, n: int, names: list[str]):
+    def __init__(self, key: int, n: int, names: list[str], start: int = 0):
         import warnings
 
         from scipy.stats import qmc
@@ -62,6 +62,8 @@ class Streams:
         with warnings.catch_warnings():  # "n is not a power of 2": prefixes are still well spread
             warnings.simplefilter("ignore")
             sobol = qmc.Sobol(d=len(self.names), scramble=True, seed=np.random.default_rng(key))
+            if start:
+                sobol.fast_forward(start)  # rows start.. of the same sequence: chunks equal the whole
             self.table = sobol.random(n)
 
     def __call__(self, name: str) -> np.ndarray:

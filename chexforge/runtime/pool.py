@@ -18,8 +18,7 @@ import os
 import queue
 import time
 from collections import deque
-
-import pyarrow as pa
+from collections.abc import Iterator
 
 from ..errors import UserError
 from ..export import manifest as mf
@@ -57,21 +56,18 @@ def parse_devices(spec: str) -> list[str]:
     return out
 
 
-def batches(todo: pa.Table, size: int) -> list[tuple[int, list[dict]]]:
-    return [(start, todo.slice(start, size).to_pylist()) for start in range(0, todo.num_rows, size)]
+Batches = Iterator[tuple[int, list[dict]]]
 
 
-def run_inprocess(todo: pa.Table, recipe: Recipe, store: Store, batch_size: int | None, tracker: Tracker,
-                  run_id: str, export_threads: int) -> bool:
+def run_inprocess(batches: Batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str,
+                  export_threads: int) -> bool:
     """One CPU device in this process, export overlapping generation. Returns True if interrupted."""
     runner = BatchRunner(recipe, store.root, None, export_threads)
-    size = batch_size or getattr(runner.backend.options, "batch_size", 4)
     exporting = None
     interrupted = False
     try:
-        for start in range(0, todo.num_rows, size):
-            rows = todo.slice(start, size).to_pylist()
-            future = runner.submit(start, rows, 1, f"{run_id}-{start:09d}")
+        for start, rows in batches:
+            future = runner.submit(start, rows, 1, f"{run_id}-{start:012d}")
             if exporting is not None:
                 _count(exporting.result(), tracker)
             exporting = future
@@ -88,9 +84,8 @@ def _count(result, tracker: Tracker) -> None:
     tracker.add(result.ok, result.failed, result.errors, result.seconds_device)
 
 
-def run_workers(todo: pa.Table, recipe: Recipe, store: Store, devices: list[str], batch_size: int | None,
-                tracker: Tracker, run_id: str, export_threads: int, max_attempts: int = 2,
-                max_restarts: int = 4) -> bool:
+def run_workers(batches: Batches, recipe: Recipe, store: Store, devices: list[str], tracker: Tracker, run_id: str,
+                export_threads: int, max_attempts: int = 2, max_restarts: int = 4) -> bool:
     """One process per device, each with its own small task queue, so the parent always knows
     which batches a worker holds. Returns True if interrupted."""
     ctx = mp.get_context("spawn")
@@ -100,7 +95,6 @@ def run_workers(todo: pa.Table, recipe: Recipe, store: Store, devices: list[str]
     recipe_json = recipe.model_dump(mode="json", exclude_none=True)
     base_dir = str(recipe._base_dir) if recipe._base_dir else None
     threads = max(1, (os.cpu_count() or 1) // len(devices))
-    size = batch_size or int(recipe.backend_options.get("batch_size", 4))
 
     procs: dict[int, mp.Process] = {}
     queues: dict[int, object] = {}
@@ -116,21 +110,32 @@ def run_workers(todo: pa.Table, recipe: Recipe, store: Store, devices: list[str]
         p.start()
         procs[wid] = p
 
-    pending: deque = deque((bid, rows, 1) for bid, rows in batches(todo, size))
-    outstanding = len(pending)  # batches not yet done or failed
+    pending: deque = deque()  # retries first; fresh batches are pulled from the stream as needed
+    fresh = iter(batches)
+    outstanding = 0  # batches handed out or pending, not yet done or failed
+    exhausted = False
     exited: set[int] = set()
     restarts = 0
-    next_id = todo.num_rows  # ids for single-job retries
+    next_id = 10**12  # ids for single-job retries (above any batch offset)
     interrupted = False
     for wid in range(len(devices)):
         start(wid)
     try:
-        while outstanding > 0:
+        while outstanding > 0 or not exhausted:
             for wid in list(procs):  # feed the workers with room, two batches each at most
-                while pending and wid not in exited and len(held[wid]) < 2:
+                while wid not in exited and len(held[wid]) < 2:
+                    if not pending and not exhausted:
+                        try:
+                            bid, rows = next(fresh)
+                            pending.append((bid, rows, 1))
+                            outstanding += 1
+                        except StopIteration:
+                            exhausted = True
+                    if not pending:
+                        break
                     bid, rows, attempt = pending.popleft()
                     held[wid][bid] = (rows, attempt)
-                    queues[wid].put((bid, rows, attempt, f"{run_id}-{bid:09d}-a{attempt}"))
+                    queues[wid].put((bid, rows, attempt, f"{run_id}-{bid:012d}-a{attempt}"))
             msg = _receive(results, 0.5)
             if msg is not None:
                 kind, wid = msg[0], msg[1]
@@ -232,5 +237,5 @@ def _receive(results, timeout: float):
 
 
 def _fail(store: Store, rows: list[dict], error: str, attempts: int, run_id: str, bid: int, tracker: Tracker) -> None:
-    mf.write_part(store, failed_rows(rows, error, attempts), f"{run_id}-{bid:09d}-failed")
+    mf.write_part(store, failed_rows(rows, error, attempts), f"{run_id}-{bid:012d}-failed")
     tracker.add(0, len(rows), [f"{r['job_id']}: {error}" for r in rows])

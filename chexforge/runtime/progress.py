@@ -70,7 +70,7 @@ class Tracker:
         if self._batches % self.compact_every == 0:
             from ..export.manifest import compact_parts
 
-            compact_parts(self.store, f"compact-{int(time.time() * 1000):x}-{os.getpid()}")
+            compact_parts(self.store)
         self.beat("running")
 
     def beat(self, state: str, force: bool = False) -> None:

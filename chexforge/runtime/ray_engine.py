@@ -37,13 +37,13 @@ class RayBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         bid = int(batch.column("_batch")[0].as_py())
         rows = batch.drop_columns(["_batch"]).to_pylist()
-        r = self.runner.run(bid, rows, 1, f"{self.run_id}-{bid:09d}-ray")
+        r = self.runner.run(bid, rows, 1, f"{self.run_id}-{bid:012d}-ray")
         return pa.table({"batch": [bid], "ok": [r.ok], "failed": [r.failed], "seconds": [r.seconds_device],
                          "errors": [r.errors]})
 
 
-def run_ray(todo: pa.Table, recipe: Recipe, store: Store, batch_size: int | None, tracker: Tracker, run_id: str,
-            export_threads: int, address: str | None, actors: int | None, gpus_per_actor: float) -> bool:
+def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str, export_threads: int,
+            address: str | None, actors: int | None, gpus_per_actor: float) -> bool:
     """Returns True if interrupted."""
     import logging
     import os
@@ -62,11 +62,14 @@ def run_ray(todo: pa.Table, recipe: Recipe, store: Store, batch_size: int | None
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
-    size = int(batch_size or recipe.backend_options.get("batch_size", 4))
-    blocks = []
-    for start in range(0, todo.num_rows, size):
-        block = todo.slice(start, size)
+    from ..plan.jobs import job_schema
+
+    schema = job_schema()
+    blocks, size = [], 1
+    for start, rows in batches:  # the blocks live in Ray's object store, not the driver's heap
+        block = pa.Table.from_pylist(rows, schema=schema)
         blocks.append(block.append_column("_batch", pa.repeat(pa.scalar(start, pa.int64()), block.num_rows)))
+        size = max(size, block.num_rows)
     if not blocks:
         return False
     n_actors = actors or max(1, int(ray.available_resources().get("GPU" if gpus_per_actor else "CPU", 1) // max(gpus_per_actor, 1)))

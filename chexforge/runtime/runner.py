@@ -26,6 +26,7 @@ from ..export.coco import write_coco
 from ..recipe.loader import recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
+from .jobs import JobSource, ids_u64, shard_mask, todo_batches
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import Tracker
 
@@ -79,16 +80,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def shard_of(job_ids: pa.Array, n: int) -> np.ndarray:
-    """Shard number of each job: its id's first 8 hex digits modulo n (ids are uniform hashes)."""
-    heads = pc.utf8_slice_codeunits(job_ids, 0, 8).to_numpy(zero_copy_only=False)
-    return np.fromiter((int(h, 16) % n for h in heads), dtype=np.int64, count=len(heads))
+    """Shard number of each job (the first 8 hex digits of its id, modulo n)."""
+    heads = pc.utf8_slice_codeunits(job_ids, 0, 8).to_pylist()
+    return np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u4").astype(np.int64) % n
 
 
 def select_shard(jobs: pa.Table, shard: tuple[int, int] | None) -> pa.Table:
     if shard is None:
         return jobs
-    i, n = shard
-    return jobs.filter(pa.array(shard_of(jobs.column("job_id"), n) == i))
+    return jobs.filter(pa.array(shard_mask(jobs.column("job_id"), *shard)))
 
 
 def prepare_output(store: Store, overwrite: bool) -> None:
@@ -100,48 +100,56 @@ def prepare_output(store: Store, overwrite: bool) -> None:
     store.sweep()
 
 
-def done_ids(store: Store, jobs: pa.Table, retry_failed: bool) -> set[str]:
-    """Job ids the manifest holds with all their files present; checks the plan matches."""
+def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarray:
+    """Ids (uint64) the manifest holds with all their files present; checks the plan matches."""
     table = mf.read_manifest(store, mf.STATUS_COLUMNS)
     if table.num_rows == 0:
-        return set()
-    planned = set(jobs.column("job_id").to_pylist())
-    foreign = [i for i in table.column("job_id").to_pylist() if i not in planned]
+        return np.zeros(0, dtype=np.uint64)
+    ids = ids_u64(table.column("job_id"))
+    planned_sorted = np.sort(planned)
+    pos = np.searchsorted(planned_sorted, ids).clip(0, max(len(planned_sorted) - 1, 0))
+    foreign = int((planned_sorted[pos] != ids).sum()) if len(planned_sorted) else len(ids)
     if foreign:
-        raise UserError(f"this folder holds {len(foreign)} images of a different plan (was the recipe or the shard "
+        raise UserError(f"this folder holds {foreign} images of a different plan (was the recipe or the shard "
                         "changed?); use another --out, or --overwrite to replace them", store.root)
-    done = set()
     local = store.local_path()
-    for row in table.to_pylist():
+    keep = np.zeros(len(ids), dtype=bool)
+    for i, row in enumerate(table.select(["status", "image_png", "image_dicom"]).to_pylist()):
         if row["status"] != "ok":
-            if not retry_failed:
-                done.add(row["job_id"])
+            keep[i] = not retry_failed
             continue
         files = [row[k] for k in ("image_png", "image_dicom") if row[k]]
-        present = all(os.path.exists(local / f) for f in files) if local else all(store.exists(f) for f in files)
-        if present:
-            done.add(row["job_id"])
-    return done
+        keep[i] = all(os.path.exists(local / f) for f in files) if local else all(store.exists(f) for f in files)
+    return ids[keep]
 
 
-def run(jobs: pa.Table, recipe: Recipe, out: str | Path, options: RunOptions | None = None) -> RunSummary:
+def batch_size_of(recipe: Recipe, override: int | None) -> int:
+    from ..backends.registry import backend_info
+
+    return int(override or getattr(backend_info(recipe.backend).options(recipe.backend_options), "batch_size", 4))
+
+
+def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: RunOptions | None = None) -> RunSummary:
+    """Make every job of `jobs` (a table, or a stream from the recipe or a jobs file) into `out`."""
     options = options or RunOptions()
+    source = jobs if isinstance(jobs, JobSource) else JobSource.from_table(jobs)
     store = open_store(out)
     prepare_output(store, options.overwrite)
     store.write_text("recipe.yaml", recipe_to_yaml(recipe))
-    jobs = select_shard(jobs, options.shard)
-    done = done_ids(store, jobs, options.retry_failed)
-    todo = jobs.filter(pc.invert(pc.is_in(jobs.column("job_id"), pa.array(sorted(done), pa.string())))) if done else jobs
+    planned = source.ids(options.shard)
+    done = done_ids(store, planned, options.retry_failed)
+    todo = len(planned) - len(done)
     if options.limit is not None:
-        todo = todo.slice(0, max(0, options.limit))
-    summary = RunSummary(planned=jobs.num_rows, skipped=len(done))
+        todo = min(todo, max(0, options.limit))
+    summary = RunSummary(planned=len(planned), skipped=len(done))
     recipe_json = recipe.model_dump(mode="json", exclude_none=True)
-    if todo.num_rows == 0:
-        _finish(store, jobs, recipe_json, recipe)
+    if todo == 0:
+        _finish(store, recipe_json, recipe)
         return summary
 
+    batches = todo_batches(source, options.shard, done, options.limit, batch_size_of(recipe, options.batch_size))
     devices = ["ray"] if options.engine == "ray" else parse_devices(options.devices)
-    tracker = Tracker(store, jobs.num_rows, len(done), todo.num_rows, devices, options.engine, options.progress)
+    tracker = Tracker(store, len(planned), len(done), todo, devices, options.engine, options.progress)
     run_id = f"{int(time.time() * 1000):x}-{os.getpid()}"
     t0 = time.perf_counter()
     state = "crashed"
@@ -149,14 +157,12 @@ def run(jobs: pa.Table, recipe: Recipe, out: str | Path, options: RunOptions | N
         if options.engine == "ray":
             from .ray_engine import run_ray
 
-            summary.interrupted = run_ray(todo, recipe, store, options.batch_size, tracker, run_id,
-                                          options.export_threads, options.ray_address, options.ray_actors,
-                                          options.gpus_per_actor)
+            summary.interrupted = run_ray(batches, recipe, store, tracker, run_id, options.export_threads,
+                                          options.ray_address, options.ray_actors, options.gpus_per_actor)
         elif devices == ["inprocess"]:
-            summary.interrupted = run_inprocess(todo, recipe, store, options.batch_size, tracker, run_id,
-                                                options.export_threads)
+            summary.interrupted = run_inprocess(batches, recipe, store, tracker, run_id, options.export_threads)
         else:
-            summary.interrupted = run_workers(todo, recipe, store, devices, options.batch_size, tracker, run_id,
+            summary.interrupted = run_workers(batches, recipe, store, devices, tracker, run_id,
                                               options.export_threads, options.max_attempts)
         state = "interrupted" if summary.interrupted else "finishing"
     finally:
@@ -165,13 +171,14 @@ def run(jobs: pa.Table, recipe: Recipe, out: str | Path, options: RunOptions | N
         summary.errors, summary.device_seconds = tracker.errors, tracker.device_seconds
         tracker.close(state)
     if not summary.interrupted:
-        _finish(store, jobs, recipe_json, recipe)
+        _finish(store, recipe_json, recipe)
         tracker.beat("finished", force=True)
     return summary
 
 
-def _finish(store: Store, jobs: pa.Table, recipe_json: dict, recipe: Recipe) -> None:
-    table = mf.merge_parts(store, jobs.column("job_id").combine_chunks(), recipe_json)
+def _finish(store: Store, recipe_json: dict, recipe: Recipe) -> None:
+    """Stream the parts into manifest.parquet, then the COCO file and the card from it."""
+    mf.merge_parts(store, recipe_json)
     if recipe.output.coco:
-        write_coco(store, table, recipe.description or recipe.name)
-    write_card(store, table, recipe_json)
+        write_coco(store, mf.iter_manifest(store), recipe.description or recipe.name)
+    write_card(store, mf.iter_manifest(store), recipe_json)

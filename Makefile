@@ -76,6 +76,7 @@ bench: install  ## run the benchmarks (prints ratios against baselines measured 
 	$(BIN)/python bench/drr_bench.py
 	$(BIN)/python bench/export_bench.py
 	$(BIN)/python bench/labels_bench.py
+	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/diffusion_bench.py --config tiny
 	$(BIN)/python bench/diffusion_bench.py --config xl   # GPU only; says so on a CPU
 

@@ -23,9 +23,13 @@ TMP_PREFIX = ".tmp-"
 @contextlib.contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temp file next to `path` for binary writing; on success it replaces `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    # Plain strings, not pathlib: Python 3.11's pathlib interns every path part, so a million
+    # distinct image names would grow the interpreter's intern table for the whole run.
+    path = os.fspath(path)
+    parent, name = os.path.split(path)
+    parent = parent or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + name + ".", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

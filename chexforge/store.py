@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import posixpath
 import shutil
 import uuid
@@ -84,8 +85,11 @@ class LocalStore(Store):
     def local_path(self, rel: str = "") -> Path:
         return self.path / rel if rel else self.path
 
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, rel)  # a string: see atomic.atomic_open on pathlib
+
     def write_bytes(self, rel: str, data: bytes) -> str:
-        return atomic.write_bytes(self.path / rel, data)
+        return atomic.write_bytes(self._abs(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
         return (self.path / rel).read_bytes()
@@ -93,13 +97,13 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def open_write(self, rel: str):
         try:
-            with atomic.atomic_open(self.path / rel) as f:
+            with atomic.atomic_open(self._abs(rel)) as f:
                 yield f
         except OSError as e:
-            raise atomic.disk_error(e, self.path / rel) from None
+            raise atomic.disk_error(e, self._abs(rel)) from None
 
     def exists(self, rel: str) -> bool:
-        return (self.path / rel).exists()
+        return os.path.exists(self._abs(rel))
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.glob(pattern))

@@ -119,7 +119,7 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
             keep[i] = not retry_failed
             continue
         files = [row[k] for k in ("image_png", "image_dicom") if row[k]]
-        keep[i] = all(os.path.exists(local / f) for f in files) if local else all(store.exists(f) for f in files)
+        keep[i] = all(os.path.exists(os.path.join(local, f)) for f in files) if local else all(store.exists(f) for f in files)
     return ids[keep]
 
 

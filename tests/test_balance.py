@@ -267,8 +267,17 @@ cohorts:
     assert abs(both - 0.1733) < 0.01 and both - df.Edema.mean() * df.Effusion.mean() > 0.015
 
 
-def test_natural_findings_with_drr_keep_what_it_renders():
+def test_natural_findings_with_drr_keep_what_it_renders(monkeypatch):
+    import dataclasses
+
+    from chexforge.backends import registry
+
     r = parse_recipe("name: nat\ncohorts: [{name: a, count: 2000, findings: natural}]\n")
+    df = plan(r).to_pandas()
+    assert df[["Effusion", "Cardiomegaly", "Edema", "Pneumonia", "Support Devices"]].sum().min() > 0
+    # A backend that renders fewer findings gets only those.
+    narrow = dataclasses.replace(registry.BACKENDS["drr"], findings=("No Finding", "Effusion", "Cardiomegaly"))
+    monkeypatch.setitem(registry.BACKENDS, "drr", narrow)
     df = plan(r).to_pandas()
     assert df.Effusion.sum() > 0 and df.Cardiomegaly.sum() > 0
     assert df[["Edema", "Pneumonia", "Support Devices"]].to_numpy().sum() == 0

@@ -55,7 +55,7 @@ def test_patient_left_is_on_the_image_right(drr128, view):
 def test_anatomy_masks_sit_on_the_anatomy(drr128):
     s = render(drr128, seed=4)
     lungs, heart = s.masks["lungs"], s.masks["heart"]
-    assert 0.15 < lungs.mean() < 0.5
+    assert 0.15 < lungs.mean() < 0.65  # projected lungs: behind the heart and below the domes too
     aerated = lungs & ~heart
     # Lungs are dark on a radiograph; the cardiac shadow is brighter.
     assert s.image[aerated].mean() + 0.1 < s.image[heart & ~lungs].mean() or s.image[aerated].mean() < 0.45

@@ -67,9 +67,12 @@ BACKENDS: dict[str, BackendInfo] = {
     "drr": BackendInfo(
         name="drr",
         summary="physics-based radiographs rendered from a real chest CT (CPU or GPU)",
-        findings=("No Finding", "Nodule", "Mass", "Effusion", "Cardiomegaly"),
+        # The 14 CheXpert labels and the lesion classes, each inserted in 3-D (drr/findings_place.py).
+        findings=("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                  "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion",
+                  "Pleural Other", "Fracture", "Support Devices", "Nodule", "Mass"),
         anatomy=("lungs", "lung_left", "lung_right", "heart"),
-        views=("PA", "AP"),
+        views=("PA", "AP", "LL"),
         layouts=("physics",),
         options_model=_drr_options,
         factory="chexforge.backends.drr.backend:DRRBackend",

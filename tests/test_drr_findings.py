@@ -1,0 +1,213 @@
+"""DRR findings beyond nodule/mass/effusion/cardiomegaly: each shows where its mask says, on
+the requested side, on the right anatomy; impossible requests fail loudly; all deterministic."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from chexforge.backends.drr.findings import Inserter
+from chexforge.backends.drr.findings_place import RENDERED, JobScene
+from chexforge.backends.drr.geometry import sample_geometry
+from chexforge.backends.drr.project import Slabs, joseph
+
+from .conftest import job
+
+SEED = 21
+CHEXPERT = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+            "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion", "Pleural Other", "Fracture",
+            "Support Devices")
+
+
+def render(backend, **kw):
+    s = backend.generate([job(**kw)])[0]
+    assert s.error is None, s.error
+    return s
+
+
+@pytest.fixture(scope="module")
+def base(drr128):
+    """The normal film and a second noise draw of it, for every comparison at SEED."""
+    return render(drr128, seed=SEED), drr128.render(job(seed=SEED), noise_seed=SEED + 1000)
+
+
+# (finding, attributes, expected sign of the change inside the mask, expected image side)
+CASES = [
+    ("Enlarged Cardiomediastinum", {"Enlarged Cardiomediastinum.severity": "large"}, +1, "middle"),
+    ("Lung Opacity", {"Lung Opacity.laterality": "right", "Lung Opacity.severity": "moderate"}, +1, "right"),
+    ("Lung Lesion", {"Lung Lesion.laterality": "left"}, +1, "left"),
+    ("Edema", {"Edema.severity": "large"}, +1, "both"),
+    ("Consolidation", {"Consolidation.laterality": "left", "Consolidation.severity": "large"}, +1, "left"),
+    ("Pneumonia", {"Pneumonia.laterality": "right"}, +1, "right"),
+    ("Atelectasis", {"Atelectasis.laterality": "left", "Atelectasis.severity": "large"}, +1, "left"),
+    ("Atelectasis", {"Atelectasis.laterality": "right", "Atelectasis.severity": "small"}, +1, "right"),
+    ("Pneumothorax", {"Pneumothorax.laterality": "left", "Pneumothorax.severity": "moderate"}, -1, "left"),
+    ("Pneumothorax", {"Pneumothorax.laterality": "bilateral", "Pneumothorax.severity": "large"}, -1, "both"),
+    ("Pleural Other", {"Pleural Other.laterality": "right", "Pleural Other.severity": "moderate"}, +1, "right"),
+    ("Fracture", {"Fracture.laterality": "right"}, 0, "right"),
+    ("Fracture", {"Fracture.laterality": "left"}, 0, "left"),
+    ("Support Devices", {"Support Devices.devices": "ett"}, +1, "middle"),
+    ("Support Devices", {"Support Devices.devices": "cvc,pacemaker"}, +1, None),
+]
+
+
+@pytest.mark.parametrize("name,attrs,sign,where", CASES, ids=[f"{c[0]}-{'-'.join(c[1].values())}" for c in CASES])
+def test_finding_changes_the_image_where_its_mask_says(drr128, base, name, attrs, sign, where):
+    normal, other_noise = base
+    ill = render(drr128, seed=SEED, **{name: 1}, **attrs)
+    mask = ill.masks[name]
+    assert mask.any()
+    diff = ill.image - normal.image  # same seed: same pose and noise, only the finding differs
+    sigma = float((normal.image - other_noise.image)[mask].std() / np.sqrt(2))
+    near = mask.copy()
+    if name == "Pneumothorax":  # the collapsed lung, denser, belongs to the finding too
+        near |= normal.masks["lung_left"] | normal.masks["lung_right"]
+    far = ~ndi.binary_dilation(near, iterations=12)
+    shift = float(np.median(diff[far]))  # the display's windowing may move everything a little
+    inside = float(diff[mask].mean()) - shift
+    assert abs(inside) > 3 * sigma, (inside, sigma)
+    if sign:
+        assert np.sign(inside) == sign, inside  # denser = brighter; air = darker
+    assert float(np.abs(diff[far] - shift).mean()) < abs(inside) / 4  # the rest barely moves
+    # Boxes are exactly the mask's extent.
+    boxes = [b for b in ill.boxes if b["label"] == name]
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    assert min(b["x0"] for b in boxes) == pytest.approx(xs.min() / w)
+    assert max(b["x1"] for b in boxes) == pytest.approx((xs.max() + 1) / w)
+    assert max(b["y1"] for b in boxes) == pytest.approx((ys.max() + 1) / h)
+    # Laterality in image coordinates: the patient's left is on the image's right (PA).
+    cols = np.argwhere(mask)[:, 1] / w
+    if where == "left":
+        assert cols.mean() > 0.5 and cols.min() > 0.4
+    elif where == "right":
+        assert cols.mean() < 0.5 and cols.max() < 0.6
+    elif where == "middle":
+        assert abs(cols.mean() - 0.5) < 0.1
+    elif where == "both":
+        assert cols.min() < 0.35 and cols.max() > 0.65 and len(boxes) == 2
+
+
+def test_every_chexpert_label_is_registered_and_planned():
+    from chexforge.backends.registry import backend_info
+    from chexforge.plan import plan
+    from chexforge.recipe import parse_recipe
+
+    drr = backend_info("drr").findings
+    assert set(CHEXPERT) <= set(drr) and set(drr) == set(RENDERED)
+    findings = {n: {"p": 1.0} for n in CHEXPERT if n not in ("No Finding", "Support Devices")}
+    findings["Pneumothorax"]["laterality"] = {"left": 1}
+    findings["Fracture"]["laterality"] = {"right": 1}
+    findings["Edema"]["severity"] = {"large": 1}
+    import json
+
+    rec = parse_recipe(json.dumps({"name": "all", "backend": "drr",
+                                   "cohorts": [{"name": "a", "count": 6, "findings": findings}]}))  # JSON is YAML
+    df = plan(rec).to_pandas()
+    assert (df[list(findings)] == 1).all().all()
+    assert set(df["Pneumothorax.laterality"]) == {"left"} and set(df["Fracture.laterality"]) == {"right"}
+    assert set(df["Edema.severity"]) == {"large"} and df["Consolidation.severity"].notna().all()
+    assert df["Pleural Other.laterality"].isin(["left", "right", "bilateral"]).all()
+
+
+def test_pneumothorax_rim_is_air_and_the_lung_collapsed(drr128, base):
+    normal, _ = base
+    ins = Inserter(drr128.phantom)
+    scene = JobScene(ins)
+    from chexforge.backends.drr import findings_pleura
+
+    ptx = findings_pleura.pneumothorax(ins, scene, "right", "large", np.random.default_rng(0))
+    rim, kept = ptx.label.numpy(), ptx.beyond.numpy()
+    mu0 = drr128.phantom.mu.numpy()[ptx.box]
+    assert rim.sum() > 1000 and np.all(ptx.mu.numpy()[rim] == 0)  # pure air: no lung markings
+    assert ptx.mu.numpy()[kept].mean() > 1.3 * mu0[kept].mean()  # the collapsed lung is denser
+    s = render(drr128, seed=SEED, Pneumothorax=1, **{"Pneumothorax.laterality": "right", "Pneumothorax.severity": "large"})
+    m = s.masks["Pneumothorax"]
+    assert (s.image - normal.image)[m].mean() < -0.02  # darker than the same region without it
+    assert (m & normal.masks["lung_right"]).sum() >= 0.95 * m.sum()  # within the lung's outline
+    # Later findings on that side stay out of the rim.
+    s = render(drr128, seed=SEED, Pneumothorax=1, Nodule=1,
+               **{"Pneumothorax.laterality": "right", "Pneumothorax.severity": "large", "Nodule.laterality": "right"})
+    assert (s.masks["Nodule"] & s.masks["Pneumothorax"]).sum() < 0.2 * s.masks["Nodule"].sum()
+
+
+def test_fracture_is_on_a_rib_of_the_requested_side(drr128):
+    from chexforge.backends.drr import findings_fracture
+
+    ph = drr128.phantom
+    ins = Inserter(ph)
+    for seed in range(4):
+        f = findings_fracture.rib_fracture(ins, JobScene(ins), "left", np.random.default_rng(seed))
+        rib = ph.labels.numpy()[f.box] == ph.structures[f.meta["rib"]]
+        label = f.label.numpy()
+        assert f.meta["rib"].startswith("rib_left_")
+        assert (label & ndi.binary_dilation(rib, iterations=2)).sum() >= 0.6 * label.sum()
+        assert f.meta["site_mm"][0] < 0  # the patient's left is -x (RAS)
+        assert np.abs(f.mu.numpy() - ph.mu.numpy()[f.box])[f.occupancy.numpy() > 0.5].max() > 0.005
+
+
+def test_support_devices_follow_the_anatomy(drr128):
+    ph = drr128.phantom
+    s = render(drr128, seed=SEED, **{"Support Devices": 1, "Support Devices.devices": "ett,cvc,pacemaker"})
+    ett, cvc, pacer = s.meta["findings"]
+    assert [f["device"] for f in (ett, cvc, pacer)] == ["endotracheal tube", "central venous catheter", "pacemaker"]
+    assert 30 <= ett["tip_above_carina_mm"] <= 60
+    to_vox = lambda mm: tuple(np.round((np.array(mm) - ph.affine[:3, 3]) / ph.spacing).astype(int))  # noqa: E731
+    assert ph.labels.numpy()[to_vox(ett["tip_mm"])] == ph.structures["trachea"]
+    svc = ph.region(("superior_vena_cava",))
+    lowest = np.argwhere(svc)[:, 2].min() * ph.spacing[2] + ph.affine[2, 3]
+    assert abs(cvc["tip_mm"][2] - lowest) < 25  # lower SVC to the cavo-atrial junction
+    # The ETT's mask lies over the trachea's projection (same rays as the render).
+    s = render(drr128, seed=SEED, **{"Support Devices": 1, "Support Devices.devices": "ett"})
+    geom = sample_geometry("PA", 128, job(seed=SEED), ph, np.random.default_rng(SEED), drr128.options.variation)
+    src, tgt, lengths, _ = drr128._rays(geom)
+    trachea = torch.from_numpy(ph.region(("trachea",)).astype(np.float32))
+    over = joseph(Slabs.from_xyz(trachea, axis=1), src, tgt, lengths)[0].view(128, 128).numpy() > 0.5
+    m = s.masks["Support Devices"].copy()
+    m[: np.nonzero(over.any(1))[0].min()] = False  # below the top of the trachea label
+    assert m.sum() > 20 and (m & ndi.binary_dilation(over)).sum() >= 0.9 * m.sum()
+
+
+def test_masks_sit_on_the_anatomy(drr128, base):
+    normal, _ = base
+    lungs = normal.masks["lung_left"] | normal.masks["lung_right"]
+    for name, attrs in [("Consolidation", {"Consolidation.laterality": "right"}), ("Edema", {}),
+                        ("Atelectasis", {"Atelectasis.laterality": "left", "Atelectasis.severity": "moderate"})]:
+        m = render(drr128, seed=SEED, **{name: 1}, **attrs).masks[name]
+        assert (m & lungs).sum() >= 0.97 * m.sum(), name
+    m = render(drr128, seed=SEED, **{"Enlarged Cardiomediastinum": 1}).masks["Enlarged Cardiomediastinum"]
+    heart_top = np.nonzero(normal.masks["heart"].any(1))[0].min()
+    rows = np.nonzero(m.any(1))[0]
+    assert rows.mean() < heart_top + 5  # the superior mediastinum, above the heart
+
+
+def test_impossible_requests_are_recorded_errors(drr128):
+    ph = drr128.phantom
+    broken = copy.copy(drr128)
+    no_left_ribs = {k: v for k, v in ph.structures.items() if not k.startswith("rib_left_")}
+    broken.inserter = Inserter(dataclasses.replace(ph, structures=no_left_ribs))
+    broken._use = lambda scene: None  # keep the stripped inserter for this job
+    for fields, words in [({"Fracture": 1, "Fracture.laterality": "left"}, "no left ribs"),
+                          ({"Fracture": 1, "Fracture.laterality": "bilateral"}, "one-sided"),
+                          ({"Support Devices": 1, "Support Devices.devices": "ecmo"}, "unknown support device")]:
+        s = broken.generate([job(seed=SEED, **fields)])[0]
+        assert s.error is not None and words in s.error, s.error
+        assert s.image.size == 0 and not s.masks and not s.boxes
+    s = broken.generate([job(seed=SEED, Fracture=1, **{"Fracture.laterality": "right"})])[0]
+    assert s.error is None and s.masks["Fracture"].any()
+
+
+def test_same_seed_same_findings(drr128):
+    fields = {"Pneumonia": 1, "Pneumonia.laterality": "bilateral", "Support Devices": 1, "Fracture": 1,
+              "Edema": 1, "Pleural Other": 1}
+    a = render(drr128, seed=40, **fields)
+    b = render(drr128, seed=40, **fields)
+    c = render(drr128, seed=41, **fields)
+    assert np.array_equal(a.image, b.image) and a.boxes == b.boxes
+    assert all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert not np.array_equal(a.masks["Pneumonia"], c.masks["Pneumonia"])

@@ -1,0 +1,144 @@
+"""DRR realism and image-chain physics: rendered normals against published adult PA normals,
+and the polychromatic chain against the physics it claims (tables, beam hardening, noise, MTF)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from chexforge.backends.drr import imaging, realism
+from chexforge.backends.drr.ct import BONE_GAIN, MU_WATER
+
+from .conftest import job
+
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def normals(drr128):
+    """Size statistics of 8 rendered normal PA radiographs (women and men, 25-75 years)."""
+    abdomen = realism.abdomen_slabs(drr128.phantom)
+    abdomen.data = abdomen.data.to(drr128.device)
+    out = []
+    for seed in SEEDS:
+        s = drr128.render(job(seed=seed, sex="F" if seed % 2 else "M", age=25 + 7 * seed))
+        out.append(realism.size_stats(s.masks, realism.field_masks(drr128, s, abdomen), s.meta))
+    return out
+
+
+def _inside(normals, key):
+    pub = realism.PUBLISHED[key]
+    values = np.array([r[key] for r in normals])
+    assert np.isfinite(values).all()
+    assert pub.low <= values.min() and values.max() <= pub.high, (key, values.round(3), (pub.low, pub.high))
+    return values
+
+
+def test_cardiothoracic_ratio_of_normals_is_normal(normals):
+    ctr = _inside(normals, "ctr")
+    assert 0.42 <= ctr.mean() <= 0.48  # published means of normal adults: 0.43-0.47
+
+
+def test_thoracic_width_of_normals_is_adult(normals):
+    _inside(normals, "width_both_cm")
+
+
+def test_left_lung_height_apex_to_dome_is_adult(normals):
+    _inside(normals, "height_apex_dome_left_cm")
+
+
+def test_right_lung_height_apex_to_dome_is_adult(normals):
+    _inside(normals, "height_apex_dome_right_cm")
+
+
+def test_lungs_are_measured_in_the_patient_plane(normals):
+    r = normals[0]
+    assert 1.04 < r["magnification"] < 1.15  # PA at 180 cm
+    assert r["height_both_cm_patient"] * r["magnification"] > r["height_apex_dome_right_cm"]
+
+
+# ---- image chain ------------------------------------------------------------------------------
+
+
+def test_tables_agree_with_the_phantom_and_nist():
+    # Water at 60 keV from the NIST table is the phantom's single-energy water.
+    assert imaging.mass_attenuation("water", 60.0) / 10 == pytest.approx(MU_WATER, rel=0.005)
+    # Cortical bone reads ~1600 HU at a CT's effective energy.
+    assert 1450 < imaging.bone_hu() < 1750
+
+
+@pytest.mark.parametrize("hu", [-1000.0, -80.0, 40.0, 150.0, 400.0, 1000.0])
+def test_two_material_split_reproduces_each_voxel(hu):
+    mu = MU_WATER * (1 + hu / 1000) if hu <= 150 else MU_WATER * (1.15 + BONE_GAIN * (hu - 150) / 1000)
+    mu_t = torch.tensor([mu], dtype=torch.float32)
+    rho_b = imaging.bone_density(mu_t)
+    tw, tb = imaging.material_paths(mu_t * 10, rho_b * 10)  # a 10 mm path through the voxel
+    if hu <= 150:
+        assert float(rho_b) == 0 and float(tw) == pytest.approx(1 + hu / 1000, abs=1e-4)
+    else:
+        f = (hu - 150) / (imaging.bone_hu() - 150)
+        assert float(tb) == pytest.approx(imaging.BONE_DENSITY * f, rel=1e-4)
+        assert float(tw) == pytest.approx(1.15 * (1 - f), abs=1e-4)
+
+
+def test_beam_hardens_through_water_and_bone_contrast_falls_with_kvp():
+    b = imaging.beam(120)
+
+    def attenuation(beam, tw, tb=0.0):
+        ln = beam.lookup(torch.tensor([[tw]]), torch.tensor([[tb]]))[0, 0, 0]
+        return float(beam.log_signal[0, 0, 0] - ln)
+
+    mu_thin = attenuation(b, 1.0)
+    mu_thick = (attenuation(b, 30.0) - attenuation(b, 29.0))
+    assert mu_thick < 0.93 * mu_thin  # harder beam behind 30 cm of water
+    assert 0.17 < mu_thick < mu_thin < 0.25  # cm²/g, between water's mu at 100 and 50 keV
+    bone = {kvp: attenuation(imaging.beam(kvp), 15.0, 1.0) - attenuation(imaging.beam(kvp), 15.0) for kvp in (70, 120)}
+    assert bone[120] < 0.85 * bone[70]  # high-kV chest technique: ribs less conspicuous
+
+
+def test_lookup_matches_the_spectral_sum():
+    b = imaging.beam(120)
+    e, flu = imaging.spectrum(120)
+    keep = flu > 0
+    e, q = e[keep], flu[keep] / flu[keep].sum()
+    absorbed = q * imaging.csi_absorption(e)
+    rng = np.random.default_rng(0)
+    tw, tb = rng.uniform(0, 50, 200), rng.uniform(0, 10, 200)
+    att = np.exp(-(np.outer(tw, imaging.mass_attenuation("water", e)) + np.outer(tb, imaging.mass_attenuation("bone", e))))
+    exact = np.log(att @ (absorbed * e))
+    lut = b.lookup(torch.tensor(tw, dtype=torch.float32)[None], torch.tensor(tb, dtype=torch.float32)[None])[0, 0]
+    assert np.abs(lut.numpy() - exact).max() < 2e-3
+
+
+def test_quantum_noise_follows_the_dose():
+    shape = (96, 96)
+    integral = torch.full(shape, 2.0)  # ~10 cm of water, no bone
+    bone = torch.zeros(shape)
+
+    def noise(dose):
+        g = torch.Generator().manual_seed(3)
+        return float(imaging.expose_poly(integral, bone, 1.0, dose, 0.0, 0.0, g).std())
+
+    ratio = noise(1.0) / noise(4.0)
+    assert 1.8 < ratio < 2.2  # sigma ~ 1/sqrt(dose)
+    # ... and its size is the Poisson prediction for that many detected quanta (Swank-like energy weighting).
+    b = imaging.beam(120)
+    tw, tb = imaging.material_paths(integral[:1, :1], bone[:1, :1])
+    ln = b.lookup(tw, tb)
+    n0 = imaging.detector_kerma_ugy(1.0) * b.fluence_per_ugy * imaging.GRID_PRIMARY
+    predicted = math.sqrt(float(torch.exp(ln[1] - 2 * ln[0])) / n0)
+    assert noise(1.0) == pytest.approx(predicted, rel=0.15)
+
+
+def test_mtf_filters_a_sine_by_its_value():
+    pixel_mm, f = 0.2, 1.0  # 1 cycle/mm
+    x = torch.arange(128, dtype=torch.float64) * pixel_mm
+    img = (1 + 0.5 * torch.cos(2 * math.pi * f * x))[None].repeat(128, 1)
+    out = imaging.apply_mtf(img, pixel_mm, 0.12)
+    sl = slice(39, 89)  # ten whole periods, away from the borders
+    amp = float(2 * ((out[64, sl] - 1) * torch.cos(2 * math.pi * f * x[sl])).mean())
+    assert amp / 0.5 == pytest.approx(float(imaging.mtf(torch.tensor(f), 0.12)), rel=0.03)
+    assert 0.55 < float(imaging.mtf(torch.tensor(1.0), 0.12)) < 0.8  # CsI panel at 1 lp/mm

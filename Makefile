@@ -6,6 +6,8 @@
 #   make plan RECIPE=r.yaml                 dry run: the jobs, the mix, the estimated time
 #   make balance LABELS=train.csv BY=sex,age BALANCE=balance.yaml   audit a label file, write the top-up recipe
 #   make validate                           check every recipe in recipes/
+#   make report OUT=out/x                   static HTML report of a dataset: OUT/report/index.html
+#   make eval OUT=out/x REFERENCE=real/     metrics (FID/KID, PRDC, MS-SSIM, memorization): OUT/report/metrics.json
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
 
 PYTHON ?= python3
@@ -61,6 +63,16 @@ validate: install  ## check every recipe in recipes/
 
 inspect: install  ## counts and a contact sheet for OUT
 	$(BIN)/chexforge inspect $(OUT)
+
+.PHONY: eval
+REFERENCE ?=
+FEATURES  ?= random
+eval: install  ## metrics of OUT against REFERENCE (folder, chexforge OUT or label CSV) with FEATURES (default random: smoke only)
+	$(BIN)/chexforge eval $(OUT) $(if $(REFERENCE),--reference $(REFERENCE)) --features $(FEATURES) $(ARGS)
+
+.PHONY: report
+report: install  ## the HTML report of OUT into OUT/report (contact sheets, composition, failures, metrics)
+	$(BIN)/chexforge report $(OUT) $(ARGS)
 
 balance: install  ## audit LABELS (default xrv:chexpert) by BY and write the top-up recipe BALANCE (default balance.yaml)
 	$(BIN)/chexforge balance $(LABELS) --by $(BY) --out $(BALANCE) $(ARGS)

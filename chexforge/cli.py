@@ -294,6 +294,60 @@ def inspect(
         out_console.print(f"contact sheet: {sheet or f'{store.root}/contact_sheet.png'}")
 
 
+# ---- report -----------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    out: str = typer.Argument(..., help="An output folder of `chexforge generate`.", show_default=False),
+    dest: Path | None = typer.Option(None, "--out", help="Report folder (default OUT/report)."),
+    per_cohort: int = typer.Option(12, "--per-cohort", min=1, help="Images on each cohort's contact sheet."),
+    metrics: Path | None = typer.Option(None, "--metrics", help="A metrics.json of `chexforge eval` (default: REPORT/metrics.json if there)."),
+) -> None:
+    """A static HTML report: contact sheets, requested-vs-realised composition, failures, metrics."""
+    from .evaluate.report import build_report
+
+    index = build_report(out, dest, per_cohort=per_cohort, metrics=metrics)
+    out_console.print(f"report: {index}")
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    out: Path = typer.Argument(..., help="An output folder of `chexforge generate` (or a folder of images).", show_default=False),
+    reference: str | None = typer.Option(None, "--reference", help="Real images: a folder, a chexforge output folder, or a label CSV (with --image-root)."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Where a label CSV's image paths start (default: the CSV's folder)."),
+    features: str = typer.Option("random", "--features", help="xrv-densenet | raddino=DIR | inception | PATH | random (random: smoke runs only, not perceptual)."),
+    dest: Path | None = typer.Option(None, "--out", help="Where metrics.json and nearest_pairs.png go (default OUT/report)."),
+    size: int = typer.Option(224, "--size", min=32, help="Images are resized to SIZE×SIZE before feature extraction."),
+    max_images: int | None = typer.Option(None, "--max-images", min=2, help="Evenly spaced subsample of each set."),
+    min_per_finding: int = typer.Option(10, "--min-per-finding", min=2, help="Per-finding FID only where both sides have this many positives."),
+    threshold: float = typer.Option(0.95, "--memorization-threshold", help="Flag generated images whose nearest reference has cosine ≥ this."),
+    diversity_by: str = typer.Option("prompt", "--diversity-by", help="MS-SSIM among images sharing a prompt or a cohort."),
+    sex_model: Path | None = typer.Option(None, "--sex-model", help="TorchScript: (N,1,S,S) in [0,1] → (N,2) logits (female, male); accuracy/AUROC vs requested sex."),
+    age_model: Path | None = typer.Option(None, "--age-model", help="TorchScript: (N,1,S,S) in [0,1] → (N,) age in years; MAE and Pearson r vs requested age."),
+    seg_model: Path | None = typer.Option(None, "--seg-model", help="TorchScript with `classes`: → (N,C,h,w) mask logits; Dice vs the dataset's masks."),
+    det_model: Path | None = typer.Option(None, "--det-model", help="TorchScript with `classes`: → (N,K,5) (x0,y0,x1,y1,class) in [0,1]; box hit rate."),
+    iou: float = typer.Option(0.3, "--iou", help="A realised box is hit by a predicted box of its label with IoU ≥ this."),
+) -> None:
+    """Fidelity (FID, KID, precision/recall/density/coverage), diversity (MS-SSIM), memorization
+    and adherence of a generated set; writes metrics.json. Local models only: never downloads."""
+    from .evaluate.run import EvalOptions, evaluate
+    from .evaluate.summary import summary_table
+
+    dest = dest or out / "report"
+    result = evaluate(out, dest, EvalOptions(reference, str(image_root) if image_root else None, features, size, max_images,
+                                             min_per_finding, memorization_threshold=threshold, diversity_by=diversity_by,
+                                             sex_model=str(sex_model) if sex_model else None,
+                                             age_model=str(age_model) if age_model else None,
+                                             seg_model=str(seg_model) if seg_model else None,
+                                             det_model=str(det_model) if det_model else None, iou=iou))
+    out_console.print(summary_table(result))
+    out_console.print(f"wrote {dest / 'metrics.json'}")
+
+
 # ---- models -----------------------------------------------------------------------------------
 
 models_app = typer.Typer(help="Make, inspect and import diffusion models (local folders only).", no_args_is_help=True)

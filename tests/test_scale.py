@@ -158,7 +158,8 @@ def test_kill_9_at_ten_random_instants_then_resume(tmp_path, devices):
 
 
 def test_ctrl_c_commits_the_batch_in_flight_and_status_reports(tmp_path):
-    recipe = sim(tmp_path, n=40, spb=0.4)
+    n = 120  # 30 batches of 0.5 s: long enough that a loaded machine cannot finish before the signal
+    recipe = sim(tmp_path, n=n, spb=0.5)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "chexforge.cli", "generate", str(recipe), "--out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -172,12 +173,12 @@ def test_ctrl_c_commits_the_batch_in_flight_and_status_reports(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in stderr
     committed = mf.read_manifest(out)
-    assert 0 < committed.num_rows < 40 and committed.num_rows % 4 == 0  # whole batches only
+    assert 0 < committed.num_rows < n and committed.num_rows % 4 == 0  # whole batches only
     stopped = cli("status", str(out))
-    assert "interrupted" in stopped.stdout and f"{committed.num_rows} of 40" in stopped.stdout
+    assert "interrupted" in stopped.stdout and f"{committed.num_rows} of {n}" in stopped.stdout
     again = cli("generate", str(recipe), "--out", str(out), "--no-progress")
     assert again.returncode == 0 and f"({committed.num_rows} were already there)" in again.stdout
-    assert len(manifest(out)) == 40
+    assert len(manifest(out)) == n
 
 
 def test_status_of_a_killed_run_says_stopped(tmp_path):

@@ -21,7 +21,7 @@ from .jobs import job_schema, with_recipe
 
 
 def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
-    spec = cohort.model_dump(mode="json", exclude={"count"}, exclude_none=True)
+    spec = cohort.model_dump(mode="json", exclude={"count", "qc"}, exclude_none=True)  # QC does not change what a job asks for
     material = {
         "seed": recipe.seed,
         "backend": recipe.backend,

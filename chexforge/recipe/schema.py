@@ -205,6 +205,36 @@ class Layout(Strict):
         return self
 
 
+QC_CHECKS = ("finding_visible", "mask_area", "not_blank", "classifier", "sex")
+QC_MODEL_CHECKS = ("classifier", "sex")
+QC_DEFAULT_MIN = {"finding_visible": 0.02, "mask_area": 0.001, "not_blank": 0.05, "classifier": 0.5, "sex": 0.5}
+
+
+class QCRule(Strict):
+    """One quality check (chexforge/evaluate/qc.py): an image passes when the check's value >= min."""
+
+    check: Literal[QC_CHECKS]  # type: ignore[valid-type]
+    min: float | None = Field(None, ge=0.0, le=1.0)
+    model: str | None = None  # classifier, sex: `xrv-densenet` or a local TorchScript file
+
+    @model_validator(mode="after")
+    def _fill(self) -> QCRule:
+        if self.min is None:
+            self.min = QC_DEFAULT_MIN[self.check]
+        if self.check in QC_MODEL_CHECKS and not self.model:
+            raise ValueError(f"the {self.check} check needs `model:` (xrv-densenet or a local TorchScript file)")
+        if self.check not in QC_MODEL_CHECKS and self.model is not None:
+            raise ValueError(f"the {self.check} check takes no model")
+        return self
+
+
+class QC(Strict):
+    """Reject and regenerate images that fail the rules, up to max_attempts generations a job."""
+
+    max_attempts: int = Field(3, ge=1, le=100)
+    rules: list[QCRule] = Field(default_factory=list)
+
+
 class Cohort(Strict):
     name: str
     count: int = Field(ge=0, le=100_000_000)
@@ -216,6 +246,7 @@ class Cohort(Strict):
     masks: list[str] | None = None  # anatomy masks; None = the backend's default (DRR: lungs, heart)
     layout: Layout = Field(default_factory=Layout)
     prompt: str = DEFAULT_PROMPT
+    qc: QC | None = None  # overrides the recipe's qc for this cohort
 
     @field_validator("name")
     @classmethod
@@ -292,6 +323,7 @@ class Recipe(Strict):
     backend_options: dict[str, Any] = Field(default_factory=dict)
     output: Output = Field(default_factory=Output)
     cohorts: list[Cohort] = Field(min_length=1)
+    qc: QC | None = None  # quality rules for every cohort (a cohort's own qc replaces it)
     _base_dir: Path | None = PrivateAttr(None)  # folder of the recipe file: relative paths start here
 
     def resolve_path(self, p: Path | str) -> Path:
@@ -359,6 +391,9 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
                 problems.append((("cohorts", i, "view"),
                                  f"the {recipe.backend} backend renders views {', '.join(info.views)}, not {view!r}"))
         problems += _finding_problems(cohort, i, info.findings, recipe.backend)
+    from ..evaluate.qc import qc_problems  # pure: checks that local QC models exist
+
+    problems += qc_problems(recipe)
     return problems
 
 

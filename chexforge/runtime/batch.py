@@ -18,6 +18,7 @@ import numpy as np
 
 from ..backends.base import Sample
 from ..backends.registry import load_backend
+from ..evaluate.qc import QCRunner, attempt_seed
 from ..export import manifest as mf
 from ..export.writer import export_sample
 from ..recipe.schema import Recipe
@@ -52,11 +53,58 @@ class BatchRunner:
         self.backend = load_backend(recipe.backend, options, size=recipe.output.size,
                                     model=recipe.resolve_path(recipe.model) if recipe.model else None)
         self.identity = self.backend.identity()
+        self.qc = QCRunner(recipe, device or options.get("device"))
         self.pool = ThreadPoolExecutor(max_workers=max(1, export_threads))
 
     def generate(self, rows: list[dict[str, Any]]) -> tuple[list[Sample], float]:
-        """One batch; if the backend raises, retry job by job so one bad job fails alone."""
+        """One batch, with the recipe's QC rules applied (rejected jobs regenerated)."""
         t0 = time.perf_counter()
+        samples = self._generate(rows)
+        if self.qc:
+            samples = self._quality(rows, samples)
+        return samples, time.perf_counter() - t0
+
+    def _quality(self, rows: list[dict[str, Any]], samples: list[Sample]) -> list[Sample]:
+        """Check each image against its cohort's QC rules; regenerate the rejected jobs together, with
+        the next derived seed, up to max_attempts generations. A job still rejected then is a
+        failed Sample naming the rule and value. Every rejection goes to meta["qc"]."""
+        final = list(samples)
+        checked = [i for i, row in enumerate(rows) if str(row["cohort"]) in self.qc.by_cohort]
+        tries = {i: 1 for i in checked}
+        history: dict[int, list[dict]] = {i: [] for i in checked}
+        todo = checked
+        while todo:
+            again = []
+            for i in todo:
+                s, row = final[i], rows[i]
+                if s.error is not None:
+                    continue  # the backend could not make it: recorded as that failure
+                failure = self.qc.first_failure(row, s.image, s.masks)
+                if failure is None:
+                    continue
+                rule, value, threshold = failure
+                seed = attempt_seed(int(row["seed"]), tries[i])
+                history[i].append({"attempt": tries[i], "seed": seed, "rule": rule, "value": value, "threshold": threshold})
+                limit = self.qc.max_attempts(row)
+                if tries[i] >= limit:
+                    final[i] = Sample(s.job_id, np.zeros((0, 0), np.float32), meta=dict(s.meta),
+                                      error=f"qc: {rule} = {value:g} is below min {threshold:g} "
+                                            f"on all {limit} attempt{'s' if limit > 1 else ''} (last seed {seed})")
+                    continue
+                tries[i] += 1
+                again.append(i)
+            if again:
+                retry = [{**rows[i], "seed": attempt_seed(int(rows[i]["seed"]), tries[i])} for i in again]
+                for i, s in zip(again, self._generate(retry)):
+                    final[i] = s
+            todo = again
+        for i in checked:
+            final[i].meta = {**final[i].meta, "qc": {"attempts": tries[i], "seed": attempt_seed(int(rows[i]["seed"]), tries[i]),
+                                                     "rejections": history[i]}}
+        return final
+
+    def _generate(self, rows: list[dict[str, Any]]) -> list[Sample]:
+        """One backend call; if the backend raises, retry job by job so one bad job fails alone."""
         try:
             samples = self.backend.generate(rows)
         except (MemoryError, KeyboardInterrupt):
@@ -68,14 +116,16 @@ class BatchRunner:
                     samples += self.backend.generate([row])
                 except Exception as e:  # noqa: BLE001 - recorded in the manifest, never dropped
                     samples.append(Sample(row["job_id"], np.zeros((0, 0), np.float32), error=f"{type(e).__name__}: {e}"))
-        return samples, time.perf_counter() - t0
+        return samples
 
     def export(self, batch_id: int, rows: list[dict], samples: list[Sample], seconds: float, attempt: int,
                part: str) -> BatchResult:
         t0 = time.perf_counter()
         fmt, masks = self.recipe.output.formats, self.recipe.output.masks
         per_image = seconds / max(1, len(rows))
-        records = [export_sample(self.store, row, s, fmt, masks, self.identity, per_image, attempt)
+        # attempts: generations of the job, counting worker-crash retries and QC regenerations
+        records = [export_sample(self.store, row, s, fmt, masks, self.identity, per_image,
+                                 attempt - 1 + int((s.meta.get("qc") or {}).get("attempts", 1)))
                    for row, s in zip(rows, samples)]
         mf.write_part(self.store, records, part)
         failed = [f"{r['job_id']}: {r['error']}" for r in records if r["status"] != "ok"]

@@ -50,4 +50,6 @@ class SimulatedBackend:
         mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
         image[mask] += 0.2
         box = {"label": "Nodule", "x0": float(cx - r), "y0": float(cy - r), "x1": float(cx + r), "y1": float(cy + r)}
+        if self.options.blank_fraction and np.random.default_rng((int(job["seed"]), 0xB1A)).random() < self.options.blank_fraction:
+            image = np.full((size, size), 0.5)  # a failed render: flat grey, labels intact
         return Sample(job["job_id"], np.clip(image, 0, 1).astype(np.float32), {"Nodule": mask}, [box], {"simulated": True})

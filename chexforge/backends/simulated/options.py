@@ -13,4 +13,6 @@ class SimulatedOptions(BaseModel):
     batch_size: int = Field(8, ge=1, le=1024)
     crash_on: list[int] = Field(default_factory=list, description="job indices whose batch kills the worker process (fault tests)")
     fail_on: list[int] = Field(default_factory=list, description="job indices that raise an error (fault tests)")
+    blank_fraction: float = Field(0.0, ge=0, le=1, description="share of seeds that give a flat (blank) image, chosen "
+                                  "by the seed alone (QC tests)")
     device: str = Field("cpu", description="accepted for symmetry with real backends; nothing runs on it")

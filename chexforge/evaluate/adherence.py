@@ -1,0 +1,283 @@
+"""Adherence: does the image show what the job asked for? Only with models already on disk.
+
+Findings: torchxrayvision's DenseNet-121 ('all') scores each generated image; AUROC per finding
+of those scores against the requested 0/1 labels (Mann–Whitney). Sex/age prediction and box/mask
+agreement use local TorchScript models the user passes (--sex-model, --age-model, --seg-model,
+--det-model; conventions below); chexforge ships none and downloads none, so without one an entry
+says {"available": false, "why": ...} naming the flag.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import rankdata
+
+from ..errors import UserError
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve via the rank-sum statistic; None when one class is absent."""
+    pos, neg = labels == 1, labels == 0
+    n1, n0 = int(pos.sum()), int(neg.sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    r = rankdata(scores[pos | neg])
+    return float((r[pos[pos | neg]].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def findings_adherence(images: np.ndarray, labels: pd.DataFrame | None) -> dict:
+    from .features import load_xrv_densenet, xrv_features
+
+    if labels is None:
+        return {"available": False, "why": "the generated set has no requested findings (not a chexforge output folder)"}
+    try:
+        model = load_xrv_densenet()
+    except UserError as e:
+        return {"available": False, "why": e.line()}
+    with torch.no_grad():
+        x = torch.from_numpy(images)[:, None].float()
+        scores = torch.cat([torch.sigmoid(model.classifier(xrv_features(model, x[i:i + 16])))
+                            for i in range(0, len(x), 16)]).numpy()
+    per = {}
+    for k, name in enumerate(model.pathologies):
+        vocab = name  # torchxrayvision spells findings as the vocabulary does
+        if not name or vocab not in labels:
+            continue
+        a = auroc(scores[:, k], labels[vocab].to_numpy())
+        per[vocab] = {"auroc": a, "positives": int((labels[vocab] == 1).sum())} if a is not None else \
+            {"auroc": None, "why": "needs both requested-positive and requested-negative images"}
+    vals = [v["auroc"] for v in per.values() if v["auroc"] is not None]
+    return {"available": True, "model": "torchxrayvision densenet121-res224-all", "per_finding": per,
+            "mean_auroc": float(np.mean(vals)) if vals else None}
+
+
+# ---- user-supplied TorchScript models --------------------------------------------------------------
+#
+# Every model takes a float32 batch (N, 1, S, S) in [0, 1], S = the module's `input_size` attribute
+# when it has one (an int), else 224; images are resized bilinearly. Outputs:
+#   sex:  (N, 2) logits for (female, male); P(female) = softmax(...)[:, 0]
+#   age:  (N,) or (N, 1) predicted age in years
+#   seg:  (N, C, h, w) mask logits (inside where > 0), with `classes` (C names) as an attribute
+#   det:  (N, K, 5) rows (x0, y0, x1, y1, class index), corners normalised to [0, 1]; rows whose
+#         class index is < 0 are padding; `classes` (names by index) as an attribute
+
+DEFAULT_INPUT = 224
+
+
+class ScriptModel:
+    """A local TorchScript file, loaded on the CPU; a bad file is a UserError naming the flag."""
+
+    def __init__(self, path: str | Path, flag: str, needs_classes: bool = False):
+        self.path, self.flag = Path(path).expanduser(), flag
+        if not self.path.is_file():
+            raise UserError(f"{flag}: no such model file (expected a local TorchScript file)", self.path)
+        try:
+            with warnings.catch_warnings():  # torch's deprecation notice of torch.jit is not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except Exception as e:  # noqa: BLE001 - any load failure is bad input, one line
+            msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+            raise UserError(f"{flag}: not a loadable TorchScript file ({type(e).__name__}: {msg})", self.path) from None
+        size = getattr(self.net, "input_size", DEFAULT_INPUT)
+        if not isinstance(size, int) or size < 8:
+            raise UserError(f"{flag}: the model's input_size attribute must be an int ≥ 8, not {size!r}", self.path)
+        self.size = size
+        self.classes: list[str] = []
+        if needs_classes:
+            classes = getattr(self.net, "classes", None)
+            if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+                raise UserError(f"{flag}: the model needs a `classes` attribute (a list of names)", self.path)
+            self.classes = list(classes)
+
+    def bad(self, why: str) -> UserError:
+        return UserError(f"{self.flag}: {why}", self.path)
+
+    def __call__(self, images: np.ndarray, batch: int = 16) -> list[torch.Tensor]:
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))[:, None].float()
+                if x.shape[-1] != self.size or x.shape[-2] != self.size:
+                    x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                        align_corners=False)
+                try:
+                    y = self.net(x)
+                except Exception as e:  # noqa: BLE001
+                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                    raise self.bad(f"the model failed on a ({', '.join(map(str, x.shape))}) batch "
+                                   f"({type(e).__name__}: {msg})") from None
+                if not isinstance(y, torch.Tensor):
+                    raise self.bad(f"the model must return a tensor, not {type(y).__name__}")
+                outs.append(y.detach().float())
+        return outs
+
+
+def _missing(flag: str, what: str) -> dict:
+    return {"available": False, "why": f"no {what} model given (pass {flag} PATH, a local TorchScript file); "
+            "chexforge ships none and never downloads one"}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def sex_adherence(model: ScriptModel, images: np.ndarray, sex: list | None, cohorts: list[str] | None) -> dict:
+    """Accuracy and AUROC of P(female) against the requested sex (F/M), overall and per cohort."""
+    if sex is None:
+        return {"available": False, "why": "the generated set has no requested sex (not a chexforge output folder)"}
+    y = torch.cat(model(images)) if len(images) else torch.zeros(0, 2)
+    if y.ndim != 2 or y.shape[1] != 2 or y.shape[0] != len(images):
+        raise model.bad(f"expected (N, 2) logits for (female, male), got shape {tuple(y.shape)}")
+    p_f = torch.softmax(y, dim=1)[:, 0].numpy()
+    req = np.array([1 if s == "F" else 0 if s == "M" else -1 for s in sex])
+    cohorts = cohorts or ["all"] * len(req)
+
+    def score(sel: np.ndarray) -> dict:
+        sel = sel & (req >= 0)
+        if not sel.any():
+            return {"images": 0, "accuracy": None, "auroc": None}
+        return {"images": int(sel.sum()), "accuracy": float(((p_f[sel] >= 0.5) == (req[sel] == 1)).mean()),
+                "auroc": auroc(p_f[sel], req[sel])}
+
+    per = {c: score(np.array([x == c for x in cohorts])) for c in sorted(set(cohorts))}
+    overall = score(np.ones(len(req), bool))
+    if overall["images"] == 0:
+        return {"available": False, "why": "no generated image requested sex F or M"}
+    return {"available": True, "model": str(model.path), **overall, "per_cohort": per}
+
+
+def age_adherence(model: ScriptModel, images: np.ndarray, age: list | None, cohorts: list[str] | None) -> dict:
+    """MAE (years) and Pearson r of the predicted age against the requested age."""
+    if age is None:
+        return {"available": False, "why": "the generated set has no requested age (not a chexforge output folder)"}
+    y = torch.cat(model(images)) if len(images) else torch.zeros(0)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.shape[0] != len(images):
+        raise model.bad(f"expected (N,) or (N, 1) ages in years, got shape {tuple(y.shape)}")
+    pred = y.numpy().astype(float)
+    req = np.array([np.nan if a is None or pd.isna(a) else float(a) for a in age])
+    cohorts = cohorts or ["all"] * len(req)
+
+    def score(sel: np.ndarray) -> dict:
+        sel = sel & ~np.isnan(req)
+        if not sel.any():
+            return {"images": 0, "mae": None, "pearson_r": None}
+        return {"images": int(sel.sum()), "mae": float(np.abs(pred[sel] - req[sel]).mean()),
+                "pearson_r": _pearson(pred[sel], req[sel])}
+
+    per = {c: score(np.array([x == c for x in cohorts])) for c in sorted(set(cohorts))}
+    overall = score(np.ones(len(req), bool))
+    if overall["images"] == 0:
+        return {"available": False, "why": "no generated image has a requested age"}
+    return {"available": True, "model": str(model.path), **overall, "per_cohort": per}
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|A∩B| / (|A|+|B|) of two boolean masks; 1 when both are empty."""
+    s = int(pred.sum()) + int(truth.sum())
+    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
+
+
+def seg_adherence(model: ScriptModel, images: np.ndarray, masks: list | None, root: str | Path) -> dict:
+    """Dice of the model's masks against the dataset's own masks, for every class both have; the
+    model's logits are resized to each mask's resolution and thresholded at 0."""
+    from ..export.png import read_png
+
+    if masks is None:
+        return {"available": False, "why": "the generated set has no masks (not a chexforge output folder)"}
+    outs = torch.cat(model(images)) if len(images) else torch.zeros(0, len(model.classes), 1, 1)
+    if outs.ndim != 4 or outs.shape[0] != len(images) or outs.shape[1] != len(model.classes):
+        raise model.bad(f"expected (N, {len(model.classes)}, h, w) mask logits (one channel per class), "
+                        f"got shape {tuple(outs.shape)}")
+    root = Path(root)
+    scores: dict[str, list[float]] = {}
+    for i, entries in enumerate(masks):
+        for m in entries if entries is not None else []:
+            name = m["name"]
+            if name not in model.classes:
+                continue
+            truth = np.asarray(read_png(root / m["path"]), bool)
+            logit = outs[i:i + 1, model.classes.index(name):model.classes.index(name) + 1]
+            if tuple(logit.shape[-2:]) != truth.shape:
+                logit = torch.nn.functional.interpolate(logit, size=truth.shape, mode="bilinear", align_corners=False)
+            scores.setdefault(name, []).append(dice(logit[0, 0].numpy() > 0, truth))
+    if not scores:
+        have = sorted({m["name"] for e in masks if e is not None for m in e})
+        return {"available": False, "why": f"no class of the model ({', '.join(model.classes)}) is among the "
+                f"dataset's masks ({', '.join(have) or 'none written; set output.masks: true'})"}
+    per = {k: {"dice": float(np.mean(v)), "masks": len(v)} for k, v in sorted(scores.items())}
+    return {"available": True, "model": str(model.path), "per_class": per,
+            "mean_dice": float(np.mean([v["dice"] for v in per.values()]))}
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def det_adherence(model: ScriptModel, images: np.ndarray, boxes: list | None, threshold: float = 0.3) -> dict:
+    """Box hit rate: the fraction of the dataset's realised boxes matched by a predicted box of the
+    same label with IoU ≥ threshold (a predicted box may match several true boxes)."""
+    if boxes is None:
+        return {"available": False, "why": "the generated set has no realised boxes (not a chexforge output folder)"}
+    outs = model(images)
+    for y in outs:
+        if y.ndim != 3 or y.shape[2] != 5:
+            raise model.bad(f"expected (N, K, 5) rows (x0, y0, x1, y1, class index), got shape {tuple(y.shape)}")
+    rows = [r for y in outs for r in y.numpy()]
+    if len(rows) != len(images):
+        raise model.bad(f"returned boxes for {len(rows)} images, not {len(images)}")
+    hits: dict[str, list[int]] = {}
+    for pred, truth in zip(rows, boxes):
+        found = [(model.classes[int(r[4])], r[:4].tolist()) for r in pred if 0 <= int(r[4]) < len(model.classes)]
+        for b in truth if truth is not None else []:
+            t = (b["x0"], b["y0"], b["x1"], b["y1"])
+            hit = any(lab == b["label"] and iou(t, p) >= threshold for lab, p in found)
+            hits.setdefault(b["label"], []).append(int(hit))
+    if not hits:
+        return {"available": False, "why": "the generated set has no realised boxes to match"}
+    per = {k: {"hit_rate": float(np.mean(v)), "boxes": len(v)} for k, v in sorted(hits.items())}
+    allhits = [h for v in hits.values() for h in v]
+    return {"available": True, "model": str(model.path), "iou": threshold, "boxes": len(allhits),
+            "hit_rate": float(np.mean(allhits)), "per_label": per}
+
+
+def load_models(sex_model: str | None = None, age_model: str | None = None, seg_model: str | None = None,
+                det_model: str | None = None) -> dict[str, ScriptModel | None]:
+    """Load the given model files up front, so a bad one fails before any image is read."""
+    return {"sex": ScriptModel(sex_model, "--sex-model") if sex_model else None,
+            "age": ScriptModel(age_model, "--age-model") if age_model else None,
+            "segmentation": ScriptModel(seg_model, "--seg-model", True) if seg_model else None,
+            "boxes": ScriptModel(det_model, "--det-model", True) if det_model else None}
+
+
+def model_adherence(gen, models: dict[str, ScriptModel | None], iou_threshold: float = 0.3) -> dict:
+    """The sex, age, segmentation and detection entries of `adherence` for an ImageSet."""
+    rows = gen.rows
+
+    def col(c: str) -> list | None:
+        return rows[c].tolist() if rows is not None and c in rows else None
+
+    m = models
+    return {
+        "sex": sex_adherence(m["sex"], gen.images, col("sex"), gen.cohorts) if m.get("sex")
+        else _missing("--sex-model", "sex classifier"),
+        "age": age_adherence(m["age"], gen.images, col("age"), gen.cohorts) if m.get("age")
+        else _missing("--age-model", "age regressor"),
+        "segmentation": seg_adherence(m["segmentation"], gen.images, col("masks"), gen.source)
+        if m.get("segmentation") else _missing("--seg-model", "segmentation"),
+        "boxes": det_adherence(m["boxes"], gen.images, col("realised_boxes"), iou_threshold) if m.get("boxes")
+        else _missing("--det-model", "detection"),
+    }

@@ -1,0 +1,118 @@
+"""Image sets for evaluation: a chexforge output folder, a folder of images, or a label CSV.
+
+Every set becomes an `ImageSet`: grayscale float32 images in [0, 1] resized to size×size, an id
+per image, and where the source has them the finding labels (0/1 per vocabulary finding), the
+prompt and the seed. 16-bit PNGs are read at full depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..errors import UserError
+from ..recipe.vocabulary import FINDING_NAMES
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    source: str
+    kind: str  # manifest | folder | csv
+    images: np.ndarray  # N×S×S float32 in [0, 1]
+    ids: list[str]
+    labels: pd.DataFrame | None = None  # one 0/1 column per finding, rows aligned with images
+    prompts: list[str] | None = None
+    seeds: list[int] | None = None
+    cohorts: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    rows: pd.DataFrame | None = None  # manifest sets: sex, age, masks, realised_boxes, aligned with images
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image as float32 [0, 1], size×size (bilinear; aspect ratio is not kept)."""
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable image ({e})", path) from None
+    if a.ndim == 3:  # RGB(A) → luminance
+        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        scale = 255.0
+    else:
+        scale = 65535.0 if a.dtype == np.uint16 or a.max(initial=0) > 255 else 255.0
+    a = a.astype(np.float32) / (1.0 if a.dtype.kind == "f" else scale)
+    if a.shape != (size, size):
+        a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR))
+    return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+
+def _pick(n: int, limit: int | None) -> np.ndarray:
+    """Evenly spaced indices: a deterministic subsample of at most `limit` of n."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
+def load_set(source: str | Path, size: int, image_root: str | Path | None = None,
+             limit: int | None = None) -> ImageSet:
+    path = Path(source)
+    if not path.exists():
+        raise UserError("no such file or folder", path)
+    if path.is_dir() and ((path / "manifest.parquet").exists() or (path / ".parts").is_dir()):
+        return _from_manifest(path, size, limit)
+    if path.is_dir():
+        return _from_folder(path, size, limit)
+    if path.suffix.lower() in (".csv", ".gz"):
+        return _from_csv(path, size, image_root, limit)
+    raise UserError("expected a chexforge output folder, a folder of images or a label CSV", path)
+
+
+def _from_manifest(path: Path, size: int, limit: int | None) -> ImageSet:
+    from ..export.manifest import read_manifest
+    from ..store import open_store
+
+    df = read_manifest(open_store(str(path))).to_pandas()
+    df = df[(df["status"] == "ok") & df["image_png"].notna()].reset_index(drop=True)
+    if df.empty:
+        raise UserError("no finished PNG images in this chexforge output folder", path)
+    df = df.iloc[_pick(len(df), limit)].reset_index(drop=True)
+    images = np.stack([read_image(path / rel, size) for rel in df["image_png"]])
+    findings = [f for f in FINDING_NAMES if f in df]
+    labels = df[findings].fillna(0).astype(float) if findings else None
+    return ImageSet(str(path), "manifest", images, df["job_id"].astype(str).tolist(), labels,
+                    df["prompt"].astype(str).tolist(), [int(s) for s in df["seed"]], df["cohort"].astype(str).tolist(),
+                    rows=df[[c for c in ("sex", "age", "masks", "realised_boxes") if c in df]].reset_index(drop=True))
+
+
+def _from_folder(path: Path, size: int, limit: int | None) -> ImageSet:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no images ({', '.join(SUFFIXES)}) in this folder", path)
+    files = [files[i] for i in _pick(len(files), limit)]
+    images = np.stack([read_image(p, size) for p in files])
+    return ImageSet(str(path), "folder", images, [str(p.relative_to(path)) for p in files])
+
+
+def _from_csv(path: Path, size: int, image_root: str | Path | None, limit: int | None) -> ImageSet:
+    from ..balance.readers import read_labels
+
+    df = read_labels(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    exists = np.array([(root / p).is_file() for p in df["image"]])
+    if not exists.any():
+        raise UserError(f"none of the {len(df)} images the label file names is under {root} (give --image-root)", path)
+    notes = [f"{int((~exists).sum())} of {len(df)} listed images are missing under {root}; skipped"] if not exists.all() else []
+    df = df[exists].reset_index(drop=True)
+    df = df.iloc[_pick(len(df), limit)].reset_index(drop=True)
+    images = np.stack([read_image(root / p, size) for p in df["image"]])
+    labels = df[list(FINDING_NAMES)].astype(float)  # NaN (unknown) stays NaN
+    return ImageSet(str(path), "csv", images, df["image"].astype(str).tolist(), labels, notes=notes)

@@ -1,0 +1,262 @@
+"""QC rules: checks on one generated Sample and its job row, and the retry policy around them.
+
+A recipe's `qc:` (or a cohort's own, which replaces it) lists rules; an image passes a rule when
+the rule's value is at least its `min`. The runtime (runtime/batch.py) regenerates a rejected job
+with the next derived seed (`attempt_seed`) up to `max_attempts` generations and records every
+rejection. Checks:
+
+- `not_blank`: the image's standard deviation.
+- `mask_area`: the smallest image fraction covered by the mask of a requested finding
+  (0 when a requested finding has no mask).
+- `finding_visible`: the smallest |mean inside − mean of a ring around it| over the masks of the
+  requested findings (0 when a requested finding has no mask): a lesion that is drawn in the
+  labels but not in the pixels fails.
+- `classifier`: a chest X-ray classifier's probability of each requested finding and of the
+  absence of each unrequested one it knows (the smallest of these). `model: xrv-densenet` is the
+  torchxrayvision DenseNet-121 "all" model, used only when its weights are already in
+  ~/.torchxrayvision/models_data; `model: PATH` is a TorchScript file (see docs/recipes.md).
+- `sex`: a TorchScript sex classifier's probability of the job's sex.
+
+The pixel checks are numpy; torch is imported only to run a model. A missing model is an error,
+never a pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..plan import rng
+from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
+
+XRV_MODELS = {  # chexforge name → the file torchxrayvision stores in its cache folder
+    "xrv-densenet": "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt",
+}
+XRV_WEIGHTS = {"xrv-densenet": "densenet121-res224-all"}  # torchxrayvision's own name for it
+# A classifier that sees a requested finding may rightly also see the broader labels it implies.
+IMPLIES = {
+    "Nodule": {"Lung Lesion", "Lung Opacity"}, "Mass": {"Lung Lesion", "Lung Opacity"},
+    "Lung Lesion": {"Lung Opacity"}, "Consolidation": {"Lung Opacity", "Pneumonia"},
+    "Pneumonia": {"Lung Opacity", "Consolidation"}, "Atelectasis": {"Lung Opacity"},
+    "Edema": {"Lung Opacity"}, "Cardiomegaly": {"Enlarged Cardiomediastinum"},
+}
+
+
+def xrv_cache_dir() -> Path:
+    return Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data")))
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of a job's `attempt`-th generation (1-based): the job's own seed first, then
+    counter-based draws from it (splitmix64 over (job seed, attempt)), never global state."""
+    if attempt <= 1:
+        return int(seed)
+    drawn = rng.bits(rng.key_of("qc", int(seed)), np.array([attempt], dtype=np.uint64), "qc-seed")
+    return int(drawn[0] >> np.uint64(1))  # non-negative int64, like planned seeds
+
+
+def requested_findings(row: dict[str, Any]) -> list[str]:
+    return [n for n in FINDING_NAMES if n != NO_FINDING and int(row.get(n) or 0) == 1]
+
+
+# ---- pixel checks (pure numpy) ----------------------------------------------------------------
+
+
+def not_blank(image: np.ndarray, **_: Any) -> float:
+    return float(np.std(image)) if image.size else 0.0
+
+
+def mask_area(image: np.ndarray, masks: dict[str, np.ndarray], findings: list[str], **_: Any) -> float | None:
+    if not findings:
+        return None  # nothing requested: nothing to measure
+    return min(float(np.asarray(masks[f], bool).mean()) if f in masks else 0.0 for f in findings)
+
+
+def _ring(mask: np.ndarray, width: int) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return ndi.binary_dilation(mask, iterations=width) & ~mask
+
+
+def finding_visible(image: np.ndarray, masks: dict[str, np.ndarray], findings: list[str], **_: Any) -> float | None:
+    if not findings:
+        return None
+    width = max(2, round(0.04 * max(image.shape)))
+    values = []
+    for f in findings:
+        mask = np.asarray(masks.get(f, np.zeros(image.shape, bool)), bool)
+        ring = _ring(mask, width) if mask.any() else mask
+        if not mask.any() or not ring.any():
+            values.append(0.0)
+            continue
+        values.append(abs(float(image[mask].mean()) - float(image[ring].mean())))
+    return min(values)
+
+
+# ---- model checks -----------------------------------------------------------------------------
+
+
+def _model_file(spec: str, base: Callable[[str], Path] | None) -> Path:
+    if spec in XRV_MODELS:
+        return xrv_cache_dir() / XRV_MODELS[spec]
+    return base(spec) if base is not None else Path(spec).expanduser()
+
+
+def model_problem(spec: str, check: str, base: Callable[[str], Path] | None = None) -> str | None:
+    """Why the model of a rule cannot be used, or None. Looks at files only (no torch)."""
+    if check == "sex" and spec in XRV_MODELS:
+        return f"the sex check needs a local TorchScript sex classifier file, not {spec!r}"
+    path = _model_file(spec, base)
+    if spec in XRV_MODELS and not path.is_file():
+        return (f"the {spec} weights are not on this machine ({path}); chexforge never downloads them: "
+                "put the file there, or give a local TorchScript file")
+    if spec not in XRV_MODELS and not path.is_file():
+        return f"no such model file {str(path)!r} (expected a local TorchScript file or xrv-densenet)"
+    return None
+
+
+def qc_problems(recipe: Any) -> list[tuple[tuple, str]]:
+    """Located problems of the recipe's QC models (for recipe validation). A relative path is
+    checked once the recipe's folder is known (when the runtime loads the models)."""
+    out: list[tuple[tuple, str]] = []
+    places = [(("qc",), recipe.qc)] + [(("cohorts", i, "qc"), c.qc) for i, c in enumerate(recipe.cohorts)]
+    for loc, qc in places:
+        for j, rule in enumerate(qc.rules if qc is not None else []):
+            if rule.model is None:
+                continue
+            relative = rule.model not in XRV_MODELS and not Path(rule.model).expanduser().is_absolute()
+            if relative and getattr(recipe, "_base_dir", None) is None:
+                continue
+            problem = model_problem(rule.model, rule.check, lambda s: Path(recipe.resolve_path(s)))
+            if problem:
+                out.append(((*loc, "rules", j, "model"), problem))
+    return out
+
+
+class _Model:
+    """A loaded image classifier: images (N, H, W) in [0, 1] → probabilities (N, K) by label."""
+
+    def __init__(self, spec: str, path: Path, device: str):
+        import torch
+
+        self.torch, self.device = torch, device
+        if spec in XRV_MODELS:
+            try:
+                import torchxrayvision as xrv
+            except Exception as e:  # noqa: BLE001 - a broken install is bad input, one line
+                from ..errors import UserError
+
+                raise UserError(f"qc model {spec}: torchxrayvision cannot be imported ({type(e).__name__}: {e})") from None
+            # The weights file is already in xrv's cache (checked before), so this loads it and downloads nothing.
+            self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS[spec])
+            self.labels = [str(p) for p in self.net.pathologies]
+        else:
+            from ..errors import UserError
+
+            try:
+                self.net = torch.jit.load(str(path), map_location=device)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"cannot load the TorchScript qc model ({type(e).__name__}: {e})", path) from None
+            self.labels = [str(p) for p in getattr(self.net, "pathologies", [])]
+        self.net = self.net.to(device).eval()
+
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        torch = self.torch
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32)).to(self.device)
+            x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+            y = self.net(x * 2048.0 - 1024.0)  # the torchxrayvision input range [-1024, 1024]
+            y = y.float().reshape(len(images), -1).cpu().numpy()
+        if y.min() < 0 or y.max() > 1:  # logits
+            y = 1.0 / (1.0 + np.exp(-y))
+        return y
+
+
+@dataclass
+class Rule:
+    check: str
+    threshold: float
+    model: _Model | None = None
+
+
+class QCRunner:
+    """The QC rules of each cohort of a recipe, with their models loaded once."""
+
+    def __init__(self, recipe: Any, device: str | None = None):
+        from ..errors import UserError
+
+        device = device if device and device.startswith("cuda") else "cpu"
+        loaded: dict[str, _Model] = {}
+        self.by_cohort: dict[str, tuple[int, list[Rule]]] = {}
+        for cohort in recipe.cohorts:
+            qc = cohort.qc if cohort.qc is not None else recipe.qc
+            if qc is None or not qc.rules:
+                continue
+            rules = []
+            for r in qc.rules:
+                model = None
+                if r.model is not None:
+                    if r.model not in loaded:
+                        problem = model_problem(r.model, r.check, lambda s: Path(recipe.resolve_path(s)))
+                        if problem:
+                            raise UserError(f"cohort {cohort.name!r}: qc {r.check}: {problem}")
+                        loaded[r.model] = _Model(r.model, _model_file(r.model, lambda s: Path(recipe.resolve_path(s))), device)
+                    model = loaded[r.model]
+                rules.append(Rule(r.check, float(r.min), model))
+            self.by_cohort[cohort.name] = (qc.max_attempts, rules)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_cohort)
+
+    def max_attempts(self, row: dict[str, Any]) -> int:
+        return self.by_cohort.get(str(row["cohort"]), (1, []))[0]
+
+    def first_failure(self, row: dict[str, Any], image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[str, float, float] | None:
+        """(rule, value, threshold) of the first rule this image fails, in the recipe's order, or None."""
+        findings = requested_findings(row)
+        for rule in self.by_cohort.get(str(row["cohort"]), (1, []))[1]:
+            value = self.value(rule, row, image, masks, findings)
+            if value is not None and not value >= rule.threshold:  # NaN fails
+                return rule.check, round(float(value), 6), rule.threshold
+        return None
+
+    def value(self, rule: Rule, row: dict[str, Any], image: np.ndarray, masks: dict[str, np.ndarray],
+              findings: list[str]) -> float | None:
+        if rule.check == "not_blank":
+            return not_blank(image)
+        if rule.check == "mask_area":
+            return mask_area(image, masks, findings)
+        if rule.check == "finding_visible":
+            return finding_visible(image, masks, findings)
+        assert rule.model is not None
+        probs = rule.model([image])[0]
+        if rule.check == "sex":
+            if len(probs) == 1:
+                p_male = float(probs[0])  # P(male)
+            elif len(probs) == 2:
+                p_male = float(probs[1] / max(float(probs.sum()), 1e-12))  # (P(F), P(M))
+            else:
+                p_male = float("nan")  # not a sex classifier: fails, never passes
+            return p_male if str(row.get("sex")) == "M" else 1.0 - p_male
+        return classifier_value(dict(zip(rule.model.labels, probs.tolist())), findings)
+
+
+def classifier_value(probs: dict[str, float], findings: list[str]) -> float | None:
+    """The smallest of P(finding) over requested findings the model knows and 1 − P(finding) over
+    the unrequested ones it knows (leaving out labels a requested finding implies)."""
+    wanted = set(findings)
+    implied = set().union(*(IMPLIES.get(f, set()) for f in findings)) if findings else set()
+    values = []
+    for label, p in probs.items():
+        if label not in FINDING_NAMES or label == NO_FINDING:
+            continue
+        if label in wanted:
+            values.append(p)
+        elif label not in implied:
+            values.append(1.0 - p)
+    return min(values) if values else None

@@ -1,0 +1,145 @@
+"""Requested-against-realised composition for the visual report: the numbers and their charts.
+
+For each cohort, the recipe says what was asked for (finding probabilities, sex, age and view
+distributions) and the manifest says what came out (rows with status ok). `composition` turns both
+into fractions over the same categories; `composition_chart` draws them side by side (matplotlib,
+Agg backend, PNG bytes). The HTML page shows the same numbers as tables, so it reads without images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..recipe.schema import Age, Cohort
+from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING, SEXES, VIEWS
+
+AGE_BINS: tuple[tuple[str, int, int], ...] = (
+    ("<20", 0, 19), ("20-29", 20, 29), ("30-39", 30, 39), ("40-49", 40, 49), ("50-59", 50, 59),
+    ("60-69", 60, 69), ("70-79", 70, 79), ("80-89", 80, 89), ("90+", 90, 200),
+)
+PANELS = ("findings", "sex", "age", "view")
+PANEL_TITLES = {"findings": "finding prevalence", "sex": "sex", "age": "age (years)", "view": "view"}
+
+
+def age_bin(age: float) -> str | None:
+    if age is None or (isinstance(age, float) and math.isnan(age)):
+        return None
+    for label, lo, hi in AGE_BINS:
+        if lo <= age <= hi:
+            return label
+    return None
+
+
+def requested_age_pmf(spec: Age, grid: int = 4096) -> dict[str, float]:
+    """The planner's own age sampler (`plan.sampling.ages`) over an even grid of uniforms: the
+    distribution the recipe asks for, binned like the realised ages."""
+    from ..plan.sampling import ages
+
+    u = (np.arange(grid) + 0.5) / grid
+    u2 = (u * 0.6180339887498949 * grid) % 1.0  # a second, decorrelated even grid (bins only)
+    drawn = ages(spec, u, u2)
+    counts = dict.fromkeys((b[0] for b in AGE_BINS), 0)
+    for a, k in zip(*np.unique(drawn, return_counts=True)):
+        label = age_bin(int(a))
+        if label is not None:
+            counts[label] += int(k)
+    return {k: v / grid for k, v in counts.items()}
+
+
+def requested(cohort: Cohort) -> dict[str, dict[str, float] | None]:
+    """Fractions the recipe asks for, per panel; `findings` is None for `findings: natural`."""
+    out: dict[str, dict[str, float] | None] = {
+        "sex": {s: float(cohort.demographics.sex.get(s, 0.0)) for s in SEXES},
+        "view": {v: float(cohort.view.get(v, 0.0)) for v in VIEWS},
+        "age": requested_age_pmf(cohort.demographics.age),
+    }
+    if cohort.findings == "natural":
+        out["findings"] = None
+    else:
+        specs = {k: float(v.p) for k, v in cohort.finding_specs.items() if k != NO_FINDING}
+        # Findings are drawn independently (docs/recipes.md), so No Finding is the chance of none.
+        specs[NO_FINDING] = float(np.prod([1.0 - p for p in specs.values()])) if specs else 1.0
+        out["findings"] = specs
+    return out
+
+
+def realised(ok: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Fractions among a cohort's status-ok manifest rows."""
+    n = len(ok)
+    if n == 0:
+        return {p: {} for p in PANELS}
+    findings = {f: float(pd.to_numeric(ok[f], errors="coerce").fillna(0).astype(bool).mean())
+                for f in FINDING_NAMES if f in ok.columns}
+    sex = ok["sex"].value_counts()
+    view = ok["view"].value_counts()
+    ages = ok["age"].map(age_bin).value_counts()
+    return {
+        "findings": findings,
+        "sex": {k: int(v) / n for k, v in sex.items()},
+        "view": {k: int(v) / n for k, v in view.items()},
+        "age": {k: int(v) / n for k, v in ages.items()},
+    }
+
+
+def composition(cohort: Cohort | None, ok: pd.DataFrame) -> dict[str, list[tuple[str, float | None, float]]]:
+    """Per panel, rows of (category, requested fraction or None, realised fraction), over the
+    categories either side mentions, in vocabulary order."""
+    want = requested(cohort) if cohort is not None else {p: None for p in PANELS}
+    got = realised(ok)
+    order = {"findings": list(FINDING_NAMES), "sex": list(SEXES), "view": list(VIEWS), "age": [b[0] for b in AGE_BINS]}
+    out: dict[str, list[tuple[str, float | None, float]]] = {}
+    for panel in PANELS:
+        w, g = want.get(panel), got.get(panel, {})
+        keys = [k for k in order[panel] if (w and w.get(k, 0) > 0) or g.get(k, 0) > 0]
+        keys += sorted(k for k in g if k not in order[panel] and g[k] > 0)  # anything unexpected, after
+        out[panel] = [(k, None if w is None else float(w.get(k, 0.0)), float(g.get(k, 0.0))) for k in keys]
+    return out
+
+
+def composition_chart(title: str, comp: dict[str, list[tuple[str, float | None, float]]], n_ok: int) -> bytes:
+    """One PNG: four panels of requested (outlined) against realised (filled) fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, safe off the main thread
+
+    n_findings = max(1, len(comp["findings"]))
+    fig = Figure(figsize=(13, max(3.2, 0.32 * n_findings + 1.4)), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 4, width_ratios=[2.2, 0.8, 2.0, 1.0])
+    for ax, panel in zip(axes, PANELS):
+        rows = comp[panel]
+        ax.set_title(PANEL_TITLES[panel], fontsize=10)
+        ax.set_xlim(0, 1) if panel == "findings" else ax.set_ylim(0, 1.05)
+        if not rows:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes, color="#666")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        labels = [r[0] for r in rows]
+        want = [np.nan if r[1] is None else r[1] for r in rows]
+        got = [r[2] for r in rows]
+        pos = np.arange(len(rows))
+        h = 0.38
+        if panel == "findings":
+            ax.barh(pos - h / 2, want, height=h, facecolor="white", edgecolor="#444", hatch="///", label="requested")
+            ax.barh(pos + h / 2, got, height=h, color="#2a6fbb", label=f"realised (n={n_ok})")
+            ax.set_yticks(pos, labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel("fraction of images", fontsize=8)
+        else:
+            ax.bar(pos - h / 2, want, width=h, facecolor="white", edgecolor="#444", hatch="///", label="requested")
+            ax.bar(pos + h / 2, got, width=h, color="#2a6fbb", label=f"realised (n={n_ok})")
+            ax.set_xticks(pos, labels, fontsize=8, rotation=45 if panel == "age" else 0)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x" if panel == "findings" else "y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=8, loc="outside upper right", ncols=2)
+    fig.suptitle(title, fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,0 +1,247 @@
+"""chexforge eval: known answers for each metric on tiny images and the random extractor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chexforge.cli import main
+from chexforge.evaluate import adherence, diversity, features, fidelity, memorization
+from chexforge.evaluate.images import load_set
+from chexforge.export.manifest import rows_to_table
+
+
+def _smooth(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A random smooth 'radiograph': a few Gaussian blobs, values in [0, 1]."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size))
+    for _ in range(4):
+        cx, cy, s, a = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.3), rng.uniform(-1, 1)
+        img += a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+    img += 0.05 * rng.standard_normal((size, size))
+    return ((img - img.min()) / (np.ptp(img) + 1e-9)).astype(np.float32)
+
+
+def _write_out(folder, images, prompts, findings):
+    """A minimal chexforge output folder: 16-bit PNGs and a manifest."""
+    rows = []
+    for i, (img, prompt, f) in enumerate(zip(images, prompts, findings)):
+        rel = f"images/c/{i:03d}.png"
+        (folder / "images/c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 65535).astype(np.uint16)).save(folder / rel)
+        rows.append({"job_id": f"j{i:03d}", "cohort": "c", "index": i, "seed": 1000 + i, "prompt": prompt,
+                     "status": "ok", "image_png": rel, "Effusion": f, "No Finding": 1 - f})
+    import pyarrow.parquet as pq
+
+    pq.write_table(rows_to_table(rows), folder / "manifest.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+# ---- fidelity ------------------------------------------------------------------------------------
+
+
+def test_fid_of_a_set_with_itself_is_zero(rng):
+    a = rng.standard_normal((200, 8))
+    assert fidelity.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_matches_the_analytic_frechet_distance(rng):
+    # N(0, I) vs N(mu, s²I) in d dims: ||mu||² + d (1 - s)²
+    d, mu, s = 4, np.array([1.0, -2.0, 0.5, 0.0]), 2.0
+    a = rng.standard_normal((200_000, d))
+    b = mu + s * rng.standard_normal((200_000, d))
+    expected = float(mu @ mu + d * (1 - s) ** 2)  # 5.25 + 4 = 9.25
+    assert fidelity.fid(a, b) == pytest.approx(expected, rel=0.02)
+    assert fidelity.fid(a, a + mu) == pytest.approx(float(mu @ mu), rel=0.01)
+
+
+def test_kid_of_identical_sets_is_near_zero_and_grows_with_a_shift(rng):
+    a = rng.standard_normal((300, 16))
+    same, std = fidelity.kid(a, a, subsets=5, subset_size=300)  # the whole set: only the unbiased
+    far, _ = fidelity.kid(a, a + 1.0, subsets=5, subset_size=300)  # estimator's diagonal term is left
+    assert std == pytest.approx(0.0, abs=1e-9)
+    assert abs(same) < 0.01 * far
+
+
+def test_prdc_of_identical_sets_and_of_disjoint_sets(rng):
+    a = rng.standard_normal((100, 6))
+    m = fidelity.prdc(a, a, k=5)
+    assert m["precision"] == m["recall"] == m["coverage"] == 1.0
+    far = fidelity.prdc(a, a + 100.0, k=5)
+    assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
+
+
+def test_prdc_precision_falls_when_half_the_fakes_are_off_manifold(rng):
+    real = rng.standard_normal((400, 2))
+    fake = np.concatenate([rng.standard_normal((200, 2)), rng.standard_normal((200, 2)) + 50])
+    m = fidelity.prdc(real, fake, k=5)
+    assert 0.4 < m["precision"] < 0.6
+    assert m["coverage"] > 0.8
+
+
+# ---- diversity -----------------------------------------------------------------------------------
+
+
+def test_ms_ssim_of_identical_images_is_one_and_of_different_ones_less(rng):
+    a, b = _smooth(rng, 64), _smooth(rng, 64)
+    v = diversity.ms_ssim_pairs(np.stack([a, a, b]), [(0, 1), (0, 2)])
+    assert v[0] == pytest.approx(1.0, abs=1e-5)
+    assert v[1] < 0.9
+
+
+def test_diversity_pairs_only_within_a_prompt_and_across_seeds():
+    pairs = diversity.group_pairs(["p", "p", "q", "p", "q"], [1, 2, 3, 1, 4])
+    assert sorted(pairs) == [(0, 1), (1, 3), (2, 4)]  # (0, 3) share a seed
+    out = diversity.diversity(np.zeros((2, 32, 32), np.float32), ["p", "q"], [1, 2], "prompt")
+    assert out["available"] is False and "shared" in out["why"]
+
+
+# ---- memorization --------------------------------------------------------------------------------
+
+
+def test_a_planted_duplicate_is_flagged_and_a_distinct_image_is_not(rng):
+    ref = np.stack([_smooth(rng) for _ in range(12)])
+    distinct = _smooth(np.random.default_rng(99))
+    gen = np.stack([ref[5], distinct])
+    ex = features.random_extractor()
+    m = memorization.screen(ex(ref), ex(gen), ["dup", "new"], [f"r{i}" for i in range(12)], threshold=0.95)
+    assert m["flagged"] == 1
+    assert m["pairs"][0] == {"generated": "dup", "reference": "r5", "cosine": pytest.approx(1.0)}
+    assert m["cosine"][1] < 0.95
+
+
+# ---- adherence and extractors --------------------------------------------------------------------
+
+
+def test_missing_xrv_model_is_unavailable_with_a_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "XRV_DIR", tmp_path / "nowhere")
+    import pandas as pd
+
+    out = adherence.findings_adherence(np.zeros((2, 32, 32), np.float32), pd.DataFrame({"Effusion": [0, 1]}))
+    assert out["available"] is False
+    assert "not on disk" in out["why"] and "never downloads" in out["why"]
+
+
+def test_auroc_known_answers():
+    labels = np.array([0, 0, 1, 1])
+    assert adherence.auroc(np.array([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert adherence.auroc(np.array([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert adherence.auroc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5
+    assert adherence.auroc(np.array([0.1, 0.2]), np.array([1, 1])) is None
+
+
+def test_random_extractor_is_deterministic_and_labelled(rng):
+    imgs = np.stack([_smooth(rng) for _ in range(3)])
+    a, b = features.get_extractor("random"), features.get_extractor("random")
+    assert np.array_equal(a(imgs), b(imgs))
+    assert a.perceptual is False and "not a perceptual" in a.note
+
+
+# ---- loading and the command line ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("ev")
+    gen_imgs = [_smooth(rng) for _ in range(8)]
+    ref_imgs = [_smooth(rng) for _ in range(8)]
+    gen = _write_out(root / "gen", gen_imgs, ["a", "a", "a", "a", "b", "b", "b", "b"], [0, 0, 1, 1, 0, 0, 1, 1])
+    ref = root / "ref"
+    ref.mkdir()
+    for i, img in enumerate(ref_imgs):
+        Image.fromarray((img * 255).astype(np.uint8)).save(ref / f"r{i}.png")
+    return gen, ref, gen_imgs
+
+
+def test_load_set_reads_16_bit_pngs_and_labels(tiny_out):
+    gen, _, gen_imgs = tiny_out
+    s = load_set(gen, 48)
+    assert len(s) == 8 and s.kind == "manifest"
+    assert np.abs(s.images[0] - gen_imgs[0]).max() < 1e-4
+    assert s.labels["Effusion"].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+def test_cli_writes_metrics_json(tiny_out, tmp_path):
+    gen, ref, _ = tiny_out
+    rc = main(["eval", str(gen), "--reference", str(ref), "--features", "random", "--size", "64",
+               "--out", str(tmp_path / "rep"), "--min-per-finding", "4"])
+    assert rc == 0
+    m = json.loads((tmp_path / "rep/metrics.json").read_text())
+    assert m["features"]["perceptual"] is False
+    assert m["fidelity"]["available"] and m["fidelity"]["fid"] > 0
+    assert m["fidelity"]["per_finding_fid"]["available"] is False  # a plain folder has no labels
+    assert m["diversity"]["available"] and m["diversity"]["pairs"] == 12
+    assert m["memorization"]["available"] and (tmp_path / "rep/nearest_pairs.png").is_file()
+    assert m["adherence"]["sex"]["available"] is False and "--sex-model" in m["adherence"]["sex"]["why"]
+
+
+def test_cli_against_itself_flags_every_image(tiny_out, tmp_path):
+    gen, _, _ = tiny_out
+    assert main(["eval", str(gen), "--reference", str(gen), "--size", "48", "--out", str(tmp_path),
+                 "--min-per-finding", "4"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["fidelity"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert m["memorization"]["flagged"] == 8
+    assert m["fidelity"]["per_finding_fid"]["Effusion"]["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["eval", "/no/such/folder"], "no such file or folder"),
+    (["eval", "{gen}", "--features", "bogus"], "unknown extractor 'bogus'"),
+    (["eval", "{gen}", "--features", "raddino"], "needs the local model folder"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_out, capsys, args, says):
+    gen, _, _ = tiny_out
+    assert main([a.format(gen=gen) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_a_label_csv_with_an_image_root_is_a_reference(tiny_out, tmp_path):
+    from chexforge.balance.readers import CHEXPERT_COLUMNS
+
+    _, ref, _ = tiny_out
+    rows = []
+    for i in range(8):
+        row = {"Path": f"r{i}.png", "Sex": "Female", "Age": 50, "Frontal/Lateral": "Frontal", "AP/PA": "PA"}
+        row.update({c: 0.0 for c in CHEXPERT_COLUMNS})
+        row["Pleural Effusion"] = float(i % 2)
+        rows.append(row)
+    rows.append({**rows[0], "Path": "missing.png"})
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    s = load_set(tmp_path / "train.csv", 32, image_root=ref)
+    assert len(s) == 8 and s.kind == "csv" and "1 of 9" in s.notes[0]
+    assert s.labels["Effusion"].tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+
+
+def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
+    """A state dict in torchxrayvision's cache folder (here: untrained weights of the right shape)
+    makes the extractor and finding adherence available; a pickled model is refused with a fix."""
+    import pandas as pd
+    import torch
+
+    from chexforge.errors import UserError
+
+    monkeypatch.setattr(features, "XRV_DIR", tmp_path)
+    net = features.xrv_densenet_architecture()
+    torch.save(net.state_dict(), tmp_path / features.XRV_ALL)
+    imgs = np.random.default_rng(3).random((4, 32, 32), dtype=np.float32)
+    assert features.get_extractor("xrv-densenet")(imgs).shape == (4, 1024)
+    out = adherence.findings_adherence(imgs, pd.DataFrame({"Effusion": [0, 1, 0, 1], "Mass": [1, 1, 1, 1]}))
+    assert out["available"] is True
+    assert 0.0 <= out["per_finding"]["Effusion"]["auroc"] <= 1.0
+    assert out["per_finding"]["Mass"]["auroc"] is None
+    torch.save(net, tmp_path / features.XRV_ALL)
+    with pytest.raises(UserError, match="pickled model"):
+        features.get_extractor("xrv-densenet")

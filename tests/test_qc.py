@@ -1,0 +1,253 @@
+"""QC rules in recipes: rejection and regeneration with derived seeds, exhaustion, determinism,
+the pixel checks, missing models and bad rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from chexforge import atomic
+from chexforge.errors import UserError
+from chexforge.evaluate import qc as Q
+from chexforge.plan import plan
+from chexforge.recipe import load_recipe, parse_recipe
+from chexforge.runtime import RunOptions, run
+
+from .conftest import job, write
+
+SIM = """
+name: qcsim
+seed: 11
+backend: simulated
+backend_options: {{batch_size: 4, blank_fraction: {blank}}}
+output: {{size: 64, formats: [png]}}
+qc:
+  max_attempts: {attempts}
+  rules:
+    - check: not_blank
+      min: 0.05
+    - {{check: mask_area, min: 0.001}}
+cohorts:
+  - name: a
+    count: {n}
+    findings: {{Nodule: true}}
+{extra}"""
+
+
+def sim(tmp_path, n=12, blank=0.4, attempts=8, extra="", name="qc.yaml"):
+    return write(tmp_path, SIM.format(n=n, blank=blank, attempts=attempts, extra=extra), name)
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "chexforge.cli", *args], capture_output=True, text=True, **kw)
+
+
+def rows(out):
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def png(out, rel):
+    with Image.open(out / rel) as im:
+        return np.asarray(im, dtype=np.float64) / 65535.0
+
+
+def test_rejected_jobs_are_regenerated_with_derived_seeds(tmp_path):
+    out = tmp_path / "out"
+    r = load_recipe(sim(tmp_path))
+    summary = run(plan(r), r, out, RunOptions(progress=False))
+    assert summary.failed == 0 and summary.generated == 12
+    retried = 0
+    for row in rows(out):
+        assert row["status"] == "ok", row["error"]
+        qc = json.loads(row["meta"])["qc"]
+        assert row["attempts"] == qc["attempts"] == len(qc["rejections"]) + 1
+        # The seeds tried are the job's seed, then the derived ones, in order; the last is recorded as used.
+        expected = [Q.attempt_seed(row["seed"], k) for k in range(1, qc["attempts"] + 1)]
+        assert [h["seed"] for h in qc["rejections"]] == expected[:-1]
+        assert qc["seed"] == expected[-1]
+        for h in qc["rejections"]:
+            assert h["rule"] == "not_blank" and h["value"] < h["threshold"] == 0.05
+        assert np.std(png(out, row["image_png"])) >= 0.05  # the image kept passes
+        retried += row["attempts"] > 1
+        assert atomic.sha256_file(out / row["image_png"]) == row["sha256_png"]
+    assert 0 < retried < 12  # the blank seeds really were rejected, the others kept at once
+    # Without QC the same recipe keeps the blank first attempts: the rule is what rejects them.
+    plain = write(tmp_path, sim(tmp_path).read_text().split("qc:")[0] + "cohorts:" + sim(tmp_path).read_text().split("cohorts:")[1],
+                  "plain.yaml")
+    r2 = load_recipe(plain)
+    run(plan(r2), r2, tmp_path / "plain", RunOptions(progress=False))
+    blank = [x for x in rows(tmp_path / "plain") if np.std(png(tmp_path / "plain", x["image_png"])) < 0.05]
+    assert len(blank) == retried and all(x["attempts"] == 1 and "qc" not in json.loads(x["meta"]) for x in blank)
+
+
+def test_exhausted_attempts_fail_with_the_rule_and_keep_the_row(tmp_path):
+    extra = ("  - name: b\n    count: 3\n    findings: {Nodule: true}\n"
+             "    qc: {max_attempts: 2, rules: [{check: not_blank, min: 0.3}]}\n")
+    out = tmp_path / "out"
+    r = load_recipe(sim(tmp_path, n=2, blank=0.0, extra=extra))
+    summary = run(plan(r), r, out, RunOptions(progress=False))
+    assert summary.failed == 3 and summary.generated == 2
+    table = rows(out)
+    assert len(table) == 5
+    for row in table:
+        if row["cohort"] == "a":
+            assert row["status"] == "ok" and row["attempts"] == 1
+            continue
+        assert row["status"] == "failed" and row["image_png"] is None and row["attempts"] == 2
+        assert row["error"].startswith("qc: not_blank = ") and "below min 0.3 on all 2 attempts" in row["error"]
+        hist = json.loads(row["meta"])["qc"]["rejections"]
+        assert [h["attempt"] for h in hist] == [1, 2] and all(h["value"] < 0.3 for h in hist)
+        assert f"{hist[-1]['value']:g}" in row["error"]
+    # A QC failure is a failure like any other: not redone on resume; --retry-failed redoes it
+    # (the same seeds, so the same verdict unless the rules or max_attempts changed).
+    again = run(plan(r), r, out, RunOptions(progress=False))
+    assert again.skipped == 5 and again.generated == again.failed == 0 and rows(out) == table
+    retry = run(plan(r), r, out, RunOptions(progress=False, retry_failed=True))
+    assert retry.failed == 3 and [x["meta"] for x in rows(out)] == [x["meta"] for x in table]
+
+
+def test_same_recipe_same_attempts_seeds_and_pixels_and_resume(tmp_path):
+    recipe = sim(tmp_path, n=10, blank=0.6)
+    r = load_recipe(recipe)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(plan(r), r, a, RunOptions(progress=False))
+    run(plan(r), r, b, RunOptions(progress=False, batch_size=3))
+    run(plan(r), r, c, RunOptions(progress=False, limit=4))  # an interrupted run ...
+    run(plan(r), r, c, RunOptions(progress=False))  # ... resumed
+    key = ["job_id", "status", "attempts", "meta", "sha256_png"]
+    ta = [{k: x[k] for k in key} for x in rows(a)]
+    assert any(x["attempts"] > 1 for x in ta)
+    for other in (b, c):
+        assert sorted([{k: x[k] for k in key} for x in rows(other)], key=lambda x: x["job_id"]) == sorted(ta, key=lambda x: x["job_id"])
+
+
+def test_attempt_seeds_are_derived_and_distinct():
+    seeds = [Q.attempt_seed(123456789, k) for k in range(1, 6)]
+    assert seeds[0] == 123456789 and len(set(seeds)) == 5 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds == [Q.attempt_seed(123456789, k) for k in range(1, 6)]
+    assert Q.attempt_seed(123456790, 2) != seeds[1]
+
+
+def test_finding_visible_on_drr(drr64):
+    row = job(seed=5, size=64, **{"Nodule": 1, "Nodule.laterality": "right"})
+    [sample] = drr64.generate([row])
+    assert sample.error is None and sample.masks["Nodule"].any()
+    findings = Q.requested_findings(row)
+    assert findings == ["Nodule"]
+    visible = Q.finding_visible(sample.image, sample.masks, findings)
+    assert visible >= 0.02
+    flat = np.full_like(sample.image, float(sample.image.mean()))
+    assert Q.finding_visible(flat, sample.masks, findings) < 1e-6
+    # The label without the lesion in the pixels: the image of the same patient with no nodule.
+    [clean] = drr64.generate([job(seed=5, size=64)])
+    assert Q.finding_visible(clean.image, sample.masks, findings) < visible
+    assert Q.finding_visible(sample.image, {}, findings) == 0.0  # requested, no mask: fails
+    assert Q.mask_area(sample.image, sample.masks, findings) > 0.001
+    assert Q.finding_visible(sample.image, sample.masks, []) is None  # nothing requested
+
+
+def test_finding_visible_rule_through_the_runtime(tmp_path):
+    recipe = tmp_path / "drr.yaml"
+    recipe.write_text("name: d\nseed: 1\noutput: {size: 64, formats: [png]}\n"
+                      "qc: {max_attempts: 2, rules: [{check: finding_visible, min: 0.02}]}\n"
+                      "cohorts:\n  - {name: n, count: 2, findings: {Nodule: true}}\n")
+    out = tmp_path / "out"
+    r = load_recipe(recipe)
+    run(plan(r), r, out, RunOptions(progress=False))
+    for row in rows(out):
+        assert row["status"] == "ok", row["error"]
+        assert json.loads(row["meta"])["qc"]["attempts"] >= 1
+
+
+CLASSIFIER = """
+name: c
+backend: simulated
+output: {size: 64}
+qc:
+  rules:
+    - check: classifier
+      model: MODEL
+cohorts:
+  - {name: a, count: 1}
+"""
+
+
+def test_classifier_without_local_weights_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty torchxrayvision cache
+    for model, expect in (("xrv-densenet", "weights are not on this machine"),
+                          (str(tmp_path / "none.pt"), "no such model file")):
+        recipe = write(tmp_path, CLASSIFIER.replace("MODEL", model))
+        for cmd in (["validate", str(recipe)], ["generate", str(recipe), "--out", str(tmp_path / "o"), "--no-progress"]):
+            proc = cli(*cmd, env={**__import__("os").environ, "HOME": str(tmp_path / "home")})
+            lines = [x for x in proc.stderr.splitlines() if x.strip()]
+            assert proc.returncode == 2, proc.stderr
+            assert len(lines) == 1 and expect in lines[0] and "recipe.yaml:7:" in lines[0], proc.stderr
+            assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "o" / "manifest.parquet").exists()
+    # A relative path is checked when the runtime loads it (the recipe's folder known): still an error.
+    recipe = write(tmp_path, CLASSIFIER.replace("MODEL", "rel/none.pt"))
+    r = load_recipe(recipe)
+    with pytest.raises(UserError, match="no such model file"):
+        run(plan(r), r, tmp_path / "o2", RunOptions(progress=False))
+
+
+def test_torchscript_classifier_and_sex_rules(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Bright(torch.nn.Module):
+        """P(male) = the mean brightness (a stand-in for a trained network)."""
+
+        def forward(self, x):
+            return ((x + 1024.0) / 2048.0).mean(dim=(1, 2, 3)).clamp(0, 1)[:, None]
+
+    path = tmp_path / "sex.pt"
+    torch.jit.script(Bright()).save(str(path))
+    recipe = write(tmp_path, f"""
+name: s
+seed: 2
+backend: simulated
+output: {{size: 64, formats: [png]}}
+qc:
+  max_attempts: 2
+  rules: [{{check: sex, model: {path}, min: 0.6}}]
+cohorts:
+  - {{name: a, count: 4, demographics: {{sex: M}}}}
+""")
+    r = load_recipe(recipe)
+    out = tmp_path / "out"
+    run(plan(r), r, out, RunOptions(progress=False))
+    for row in rows(out):  # simulated images average ~0.5 brightness: P(male) < 0.6 → rejected twice
+        assert row["status"] == "failed" and row["error"].startswith("qc: sex = "), row
+        assert all(0.4 < h["value"] < 0.6 for h in json.loads(row["meta"])["qc"]["rejections"])
+
+
+@pytest.mark.parametrize("rule, expect", [
+    ("{check: sharpness, min: 0.1}", "recipe.yaml:5:15: qc.rules[0].check: expected 'finding_visible', 'mask_area'"),
+    ("{check: not_blank, min: -0.1}", "recipe.yaml:5:31: qc.rules[0].min: expected greater than or equal to 0"),
+    ("{check: mask_area, min: 2}", "qc.rules[0].min: expected less than or equal to 1"),
+    ("{check: classifier}", "qc.rules[0]: the classifier check needs `model:`"),
+    ("{check: not_blank, model: x.pt}", "qc.rules[0]: the not_blank check takes no model"),
+    ("{check: not_blank, mn: 0.1}", "unknown key 'mn'; did you mean 'min'?"),
+])
+def test_bad_qc_is_a_located_line(tmp_path, rule, expect):
+    recipe = write(tmp_path, f"name: x\nbackend: simulated\nqc:\n  rules:\n    - {rule}\ncohorts:\n  - {{name: a, count: 1}}\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(recipe)
+    assert expect in e.value.line() and "\n" not in e.value.line(), e.value.line()
+    proc = cli("validate", str(recipe))
+    assert proc.returncode == 2 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cohort_qc_errors_and_max_attempts(tmp_path):
+    recipe = write(tmp_path, "name: x\nbackend: simulated\ncohorts:\n  - name: a\n    count: 1\n"
+                             "    qc: {max_attempts: 0}\n")
+    with pytest.raises(UserError, match=r"recipe.yaml:6:\d+: cohorts\[0\].qc.max_attempts: expected greater than or equal to 1"):
+        load_recipe(recipe)
+    ok = parse_recipe("name: x\nbackend: simulated\ncohorts: [{name: a, count: 1}]\nqc: {rules: [{check: not_blank}]}\n")
+    assert ok.qc.max_attempts == 3 and ok.qc.rules[0].min == 0.05

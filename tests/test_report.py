@@ -1,0 +1,238 @@
+"""`chexforge report`: the static HTML report of an output folder, checked as files and in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from chexforge.errors import UserError
+from chexforge.evaluate.report import build_report, render_metrics
+from chexforge.evaluate.report_charts import composition, requested_age_pmf
+from chexforge.recipe import parse_recipe
+
+from .conftest import write
+
+RECIPE = """
+name: tiny-report
+description: Two cohorts for the report test.
+seed: 3
+backend: simulated
+backend_options: {batch_size: 4, fail_on: [2]}
+output: {size: 64, formats: [png], masks: true}
+cohorts:
+  - name: lesions
+    count: 5
+    view: {PA: 0.5, LL: 0.5}
+    demographics: {sex: F, age: {range: [30, 49]}}
+    findings:
+      Nodule: 0.6
+      Support Devices: 1.0
+    masks: [lungs, heart]
+  - name: effusion
+    count: 3
+    view: AP
+    demographics: {sex: M, age: 70}
+    findings:
+      Effusion: {p: 1.0, laterality: [left, right]}
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chexforge.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    out = tmp / "out"
+    proc = cli("generate", str(write(tmp, RECIPE)), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict] = []
+        self.links: list[str] = []
+        self.scripts = 0
+        self.ids: dict[str, str] = {}
+        self._id: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        elif tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        elif tag in ("script", "iframe", "object", "embed"):
+            self.scripts += 1
+        elif tag == "link":
+            self.links.append(a.get("href", ""))
+        self._id = a.get("id")
+
+    def handle_data(self, data):
+        if self._id:
+            self.ids[self._id] = self.ids.get(self._id, "") + data
+
+    def handle_endtag(self, tag):
+        self._id = None
+
+
+def parse(index: Path) -> _Page:
+    page = _Page()
+    page.feed(index.read_text(encoding="utf-8"))
+    return page
+
+
+def test_report_files_links_and_counts(dataset, tmp_path):
+    snapshot = {p: p.stat().st_mtime_ns for p in dataset.rglob("*") if p.is_file()}
+    proc = cli("report", str(dataset))
+    assert proc.returncode == 0, proc.stderr
+    index = dataset / "report" / "index.html"
+    assert index.is_file()
+    page = parse(index)
+    # every image it shows is there, is a PNG, and says what it shows
+    assert len(page.imgs) == 4  # a contact sheet and a composition chart per cohort
+    for img in page.imgs:
+        src = index.parent / img["src"]
+        assert src.is_file(), img["src"]
+        with Image.open(src) as im:
+            assert im.format == "PNG" and im.width > 100
+        assert len(img.get("alt", "")) > 30
+    assert sum("composition_" in i["src"] for i in page.imgs) == 2
+    # every relative link resolves (manifest, card, recipe, images); nothing is fetched from the network
+    for href in page.links:
+        if not href.startswith("#"):
+            assert "://" not in href and (index.parent / href).exists(), href
+    assert any(h.endswith("manifest.parquet") for h in page.links) and any(h.endswith("README.md") for h in page.links)
+    assert page.scripts == 0
+    # the counts it prints are the manifest's
+    df = pq.read_table(dataset / "manifest.parquet").to_pandas()
+    assert page.ids["n-jobs"] == str(len(df)) == "8"
+    assert page.ids["n-ok"] == str(int((df.status == "ok").sum())) == "6"
+    assert page.ids["n-failed"] == "2"  # fail_on: index 2 of each cohort
+    text = index.read_text()
+    assert "simulated failure" in text  # the failed job is listed with its error
+    assert "not available" not in text and "No metrics yet" in text
+    # the dataset's own files are untouched
+    assert {p: p.stat().st_mtime_ns for p in snapshot} == snapshot
+    assert not [p for p in dataset.rglob(".tmp-*")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert index.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
+
+
+def test_composition_is_requested_against_realised(dataset):
+    recipe = parse_recipe((dataset / "recipe.yaml").read_text())
+    df = pq.read_table(dataset / "manifest.parquet").to_pandas()
+    ok = df[(df.status == "ok") & (df.cohort == "effusion")]
+    comp = composition(recipe.cohorts[1], ok)
+    assert ("Effusion", 1.0, 1.0) in comp["findings"]
+    assert comp["sex"] == [("M", 1.0, 1.0)]
+    assert comp["age"] == [("70-79", 1.0, 1.0)]
+    assert comp["view"] == [("AP", 1.0, 1.0)]
+    lesions = composition(recipe.cohorts[0], df[(df.status == "ok") & (df.cohort == "lesions")])
+    want = {k: w for k, w, _ in lesions["findings"]}
+    # Support Devices at p=1 leaves no chance of No Finding: neither side has it, so no row
+    assert want["Nodule"] == pytest.approx(0.6) and want["Support Devices"] == 1.0 and "No Finding" not in want
+    # the requested age mix is the planner's own: [30, 49] uniform is half in each decade
+    pmf = requested_age_pmf(recipe.cohorts[0].demographics.age)
+    assert pmf["30-39"] == pytest.approx(0.5, abs=0.01) and pmf["40-49"] == pytest.approx(0.5, abs=0.01)
+
+
+def _harness(index: Path) -> Path:
+    """A copy of the page beside it with a probe that records, after load, which images decoded.
+    The report itself has no script; the probe is test-only."""
+    probe = ("<script>addEventListener('load',()=>{const bad=[...document.images].filter(i=>!i.complete||"
+             "!i.naturalWidth).map(i=>i.getAttribute('src'));document.body.setAttribute('data-images',"
+             "document.images.length);document.body.setAttribute('data-broken',bad.join('|')||'none');});</script>")
+    path = index.with_name("_probe.html")
+    path.write_text(index.read_text(encoding="utf-8").replace("</body>", probe + "</body>"), encoding="utf-8")
+    return path
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (apt-get install --no-install-recommends chromium; .ci/run does)")
+def test_report_renders_in_headless_chromium(dataset, tmp_path):
+    dest = tmp_path / "rep"
+    index = build_report(dataset, dest, per_cohort=4)
+    shot = tmp_path / "shot.png"
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+            "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}"]
+    proc = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2000", index.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines()
+              if "CONSOLE" in ln or "ERR_FILE_NOT_FOUND" in ln or "Not allowed to load" in ln or str(dest) in ln]
+    assert not errors, errors
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000)
+        px = np.asarray(im.convert("L"), dtype=np.float32)
+    assert px.std() > 10  # text, tables and images, not a blank page
+    assert (px < 128).mean() > 0.02  # a fair share of dark pixels: the contact sheet drew
+    # every image the page references loaded and decoded in the browser
+    dom = subprocess.run([*base, "--dump-dom", "--virtual-time-budget=10000", _harness(index).as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    m = re.search(r'data-images="(\d+)" data-broken="([^"]*)"', dom.stdout)
+    assert m, dom.stdout[:2000]
+    assert int(m.group(1)) == 4 and m.group(2) == "none"
+
+
+def test_metrics_render_generically_with_reasons(dataset, tmp_path):
+    metrics = {
+        "fidelity": {"fid": 41.25, "kid": {"mean": 0.0123, "std": 0.002}, "extractor": "xrv-densenet121"},
+        "diversity": {"ms_ssim": 0.31, "per_cohort": {"lesions": {"ms_ssim": 0.3, "n": 4}, "effusion": {"ms_ssim": 0.35, "n": 3}}},
+        "memorization": {"available": False, "why": "no reference images given (--reference)"},
+        "adherence": [{"finding": "Nodule", "auroc": 0.91}, {"finding": "Effusion", "auroc": 0.88}],
+    }
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    (mdir / "metrics.json").write_text(json.dumps(metrics))
+    Image.new("L", (64, 32), 90).save(mdir / "nearest_pairs.png")
+    dest = tmp_path / "rep"
+    index = build_report(dataset, dest, metrics=mdir / "metrics.json")
+    text = index.read_text()
+    assert "not available: no reference images given (--reference)" in text
+    for shown in ("41.25", "0.0123", "xrv-densenet121", "ms_ssim", "0.91", "Effusion", "lesions"):
+        assert shown in text
+    assert (dest / "nearest_pairs.png").is_file() and 'src="nearest_pairs.png"' in text
+    # the default place, OUT/report/metrics.json, is picked up without --metrics
+    (dest / "metrics.json").write_text(json.dumps({"qc": {"available": False, "why": "QC not run"}}))
+    assert "not available: QC not run" in build_report(dataset, dest).read_text()
+
+
+def test_render_metrics_escapes_and_handles_shapes():
+    out = render_metrics({"a<b": {"available": False, "why": "<script>"}, "xs": [1, 2.5, None], "empty": {},
+                          "ok": True})
+    assert "&lt;script&gt;" in out and "<script>" not in out and "a&lt;b" in out
+    assert "1, 2.5, -" in out and "(empty)" in out and "true" in out
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = cli("report", str(empty))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no manifest.parquet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = cli("report", str(dataset), "--out", str(tmp_path / "r"), "--metrics", str(bad))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "not JSON" in proc.stderr
+    with pytest.raises(UserError, match="own folder"):
+        build_report(dataset, dataset / "images" / "x")
+    with pytest.raises(UserError, match="no such metrics file"):
+        build_report(dataset, tmp_path / "r", metrics=tmp_path / "missing.json")

@@ -66,8 +66,8 @@ inspect: install  ## counts and a contact sheet for OUT
 
 .PHONY: eval
 REFERENCE ?=
-FEATURES  ?= random
-eval: install  ## metrics of OUT against REFERENCE (folder, chexforge OUT or label CSV) with FEATURES (default random: smoke only)
+FEATURES  ?= auto
+eval: install  ## metrics of OUT against REFERENCE (folder, chexforge OUT or label CSV) with FEATURES (default auto: real features when on disk, else those metrics say why not)
 	$(BIN)/chexforge eval $(OUT) $(if $(REFERENCE),--reference $(REFERENCE)) --features $(FEATURES) $(ARGS)
 
 .PHONY: report

@@ -319,7 +319,7 @@ def eval_cmd(
     out: Path = typer.Argument(..., help="An output folder of `chexforge generate` (or a folder of images).", show_default=False),
     reference: str | None = typer.Option(None, "--reference", help="Real images: a folder, a chexforge output folder, or a label CSV (with --image-root)."),
     image_root: Path | None = typer.Option(None, "--image-root", help="Where a label CSV's image paths start (default: the CSV's folder)."),
-    features: str = typer.Option("random", "--features", help="xrv-densenet | raddino=DIR | inception | PATH | random (random: smoke runs only, not perceptual)."),
+    features: str = typer.Option("auto", "--features", help="auto (xrv-densenet when its weights are on disk, else the feature metrics say why not) | xrv-densenet | raddino=DIR | inception | PATH | random (smoke runs only, not perceptual)."),
     dest: Path | None = typer.Option(None, "--out", help="Where metrics.json and nearest_pairs.png go (default OUT/report)."),
     size: int = typer.Option(224, "--size", min=32, help="Images are resized to SIZE×SIZE before feature extraction."),
     max_images: int | None = typer.Option(None, "--max-images", min=2, help="Evenly spaced subsample of each set."),

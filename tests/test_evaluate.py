@@ -184,10 +184,20 @@ def test_cli_writes_metrics_json(tiny_out, tmp_path):
     assert m["adherence"]["sex"]["available"] is False and "--sex-model" in m["adherence"]["sex"]["why"]
 
 
+def test_default_features_without_weights_say_why_not(tiny_out, tmp_path, monkeypatch):
+    gen, _, _ = tiny_out
+    monkeypatch.setattr(features, "XRV_DIR", tmp_path / "nowhere")
+    assert main(["eval", str(gen), "--reference", str(gen), "--size", "48", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("fidelity", "memorization"):
+        assert m[key]["available"] is False and "feature extractor" in m[key]["why"]
+    assert m["features"]["name"] is None and m["diversity"]["available"] in (True, False)
+
+
 def test_cli_against_itself_flags_every_image(tiny_out, tmp_path):
     gen, _, _ = tiny_out
     assert main(["eval", str(gen), "--reference", str(gen), "--size", "48", "--out", str(tmp_path),
-                 "--min-per-finding", "4"]) == 0
+                 "--min-per-finding", "4", "--features", "random"]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["fidelity"]["fid"] == pytest.approx(0.0, abs=1e-6)
     assert m["memorization"]["flagged"] == 8

@@ -18,7 +18,7 @@ from ..errors import UserError
 class EvalOptions:
     reference: str | None = None
     image_root: str | None = None
-    features: str = "random"
+    features: str = "auto"
     size: int = 224
     max_images: int | None = None
     min_per_finding: int = 10
@@ -45,11 +45,11 @@ def evaluate(generated: str | Path, out: str | Path, opt: EvalOptions) -> dict:
         raise UserError(f"--iou must be in (0, 1], not {opt.iou}")
     t0 = time.perf_counter()
     models = adherence.load_models(opt.sex_model, opt.age_model, opt.seg_model, opt.det_model)
-    extractor = get_extractor(opt.features)
+    extractor = auto_extractor() if opt.features == "auto" else get_extractor(opt.features)
     gen = load_set(generated, opt.size, limit=opt.max_images)
     ref = load_set(opt.reference, opt.size, opt.image_root, opt.max_images) if opt.reference else None
-    f_gen = extractor(gen.images)
-    f_ref = extractor(ref.images) if ref is not None else None
+    f_gen = extractor(gen.images) if extractor else None
+    f_ref = extractor(ref.images) if extractor and ref is not None else None
     out = Path(out)
 
     report: dict = {
@@ -57,11 +57,11 @@ def evaluate(generated: str | Path, out: str | Path, opt: EvalOptions) -> dict:
         "generated": {"source": gen.source, "kind": gen.kind, "images": len(gen)},
         "reference": {"source": ref.source, "kind": ref.kind, "images": len(ref), "notes": ref.notes} if ref else None,
         "features": {"name": extractor.name, "perceptual": extractor.perceptual, "note": extractor.note,
-                     "dim": int(f_gen.shape[1])},
+                     "dim": int(f_gen.shape[1])} if extractor else {"name": None, "perceptual": False, "note": NO_FEATURES},
         "image_size": opt.size,
     }
-    if ref is None:
-        why = "no --reference given"
+    if ref is None or extractor is None:
+        why = "no --reference given" if ref is None else NO_FEATURES
         report["fidelity"] = {"available": False, "why": why}
         report["memorization"] = {"available": False, "why": why}
     elif len(ref) < 2 or len(gen) < 2:
@@ -83,6 +83,19 @@ def evaluate(generated: str | Path, out: str | Path, opt: EvalOptions) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 2)
     atomic.write_text(out / "metrics.json", json.dumps(report, indent=1))
     return report
+
+
+NO_FEATURES = ("no perceptual feature extractor on disk: put torchxrayvision's DenseNet weights in "
+               "~/.torchxrayvision/models_data, or pass --features raddino=DIR | inception | PATH "
+               "(--features random for a smoke run that is not perceptual)")
+
+
+def auto_extractor():
+    """`--features auto`: torchxrayvision's DenseNet when its weights are on disk, else none (the
+    feature metrics then say why, rather than a number from features that mean nothing)."""
+    from .features import get_extractor, xrv_weights
+
+    return get_extractor("xrv-densenet") if xrv_weights() is not None else None
 
 
 def _memorization(memorization, gen, ref, f_gen, f_ref, opt: EvalOptions, out: Path) -> dict:

@@ -11,7 +11,7 @@ def _fmt(v) -> str:
 
 def summary_table(m: dict) -> Table:
     feats = m["features"]
-    caption = None if feats["perceptual"] else "random features: compares sets, not a perceptual metric"
+    caption = None if feats["perceptual"] or feats["name"] is None else "random features: compares sets, not a perceptual metric"
     t = Table("metric", "value", title=f"eval {m['generated']['source']} ({feats['name']} features)", caption=caption)
     fid = m["fidelity"]
     if fid.get("available"):

@@ -145,6 +145,7 @@ class _Model:
         import torch
 
         self.torch, self.device = torch, device
+        self.xrv = spec in XRV_MODELS
         if spec in XRV_MODELS:
             try:
                 import torchxrayvision as xrv
@@ -169,8 +170,11 @@ class _Model:
         torch = self.torch
         with torch.no_grad():
             x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32)).to(self.device)
-            x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
-            y = self.net(x * 2048.0 - 1024.0)  # the torchxrayvision input range [-1024, 1024]
+            # TorchScript models take [0, 1] at their `input_size` (as `chexforge eval` feeds them);
+            # torchxrayvision's DenseNet its own range [-1024, 1024] at 224 px.
+            size = 224 if self.xrv else int(getattr(self.net, "input_size", 224))
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            y = self.net(x * 2048.0 - 1024.0 if self.xrv else x)
             y = y.float().reshape(len(images), -1).cpu().numpy()
         if y.min() < 0 or y.max() > 1:  # logits
             y = 1.0 / (1.0 + np.exp(-y))

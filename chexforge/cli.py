@@ -23,7 +23,9 @@ app = typer.Typer(
     "  chexforge validate recipe.yaml      check it\n\n"
     "  chexforge plan recipe.yaml          see the jobs it expands to (a dry run)\n\n"
     "  chexforge generate recipe.yaml      make the dataset (re-run to resume)\n\n"
-    "  chexforge inspect out/              counts and a contact sheet",
+    "  chexforge inspect out/              counts and a contact sheet\n\n"
+    "  chexforge eval out/ --reference R   metrics against real images\n\n"
+    "  chexforge report out/               a static HTML report",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

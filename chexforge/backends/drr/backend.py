@@ -25,6 +25,7 @@ from .geometry import FIELD_MM, VIEWS, Geometry, canonical_geometry, sample_geom
 from .library import LRU, Library
 from .options import DRROptions
 from .project import Slabs, diffdrr_trilinear, joseph, voxel_rays
+from .realism import row_span
 
 ANATOMY_CHANNELS = ("lung_left", "lung_right", "heart")
 MASK_MM = 0.5  # a ray crossing a structure for at least this path length is inside its mask
@@ -225,18 +226,7 @@ def cardiothoracic_ratio(masks: dict[str, torch.Tensor]) -> float:
     """Widest horizontal extent of the heart over the widest extent of the two lungs (rows)."""
     heart = masks["heart"].cpu().numpy()
     lungs = (masks["lung_left"] | masks["lung_right"]).cpu().numpy()
-    return _row_span(heart) / max(_row_span(lungs), 1)
-
-
-def _row_span(mask: np.ndarray) -> int:
-    rows = np.nonzero(mask.any(1))[0]
-    if len(rows) == 0:
-        return 0
-    cols = np.arange(mask.shape[1])
-    sub = mask[rows]
-    first = np.where(sub, cols, mask.shape[1]).min(1)
-    last = np.where(sub, cols, -1).max(1)
-    return int((last - first + 1).max())
+    return row_span(heart) / max(row_span(lungs), 1)
 
 
 def _box(mask: np.ndarray) -> dict | None:

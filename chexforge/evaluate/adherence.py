@@ -146,11 +146,7 @@ def sex_adherence(model: ScriptModel, images: np.ndarray, sex: list | None, coho
         return {"images": int(sel.sum()), "accuracy": float(((p_f[sel] >= 0.5) == (req[sel] == 1)).mean()),
                 "auroc": auroc(p_f[sel], req[sel])}
 
-    per = {c: score(np.array([x == c for x in cohorts])) for c in sorted(set(cohorts))}
-    overall = score(np.ones(len(req), bool))
-    if overall["images"] == 0:
-        return {"available": False, "why": "no generated image requested sex F or M"}
-    return {"available": True, "model": str(model.path), **overall, "per_cohort": per}
+    return _overall_and_per_cohort(score, cohorts, model, "no generated image requested sex F or M")
 
 
 def age_adherence(model: ScriptModel, images: np.ndarray, age: list | None, cohorts: list[str] | None) -> dict:
@@ -173,10 +169,15 @@ def age_adherence(model: ScriptModel, images: np.ndarray, age: list | None, coho
         return {"images": int(sel.sum()), "mae": float(np.abs(pred[sel] - req[sel]).mean()),
                 "pearson_r": _pearson(pred[sel], req[sel])}
 
+    return _overall_and_per_cohort(score, cohorts, model, "no generated image has a requested age")
+
+
+def _overall_and_per_cohort(score, cohorts: list[str], model: ScriptModel, why_none: str) -> dict:
+    """`score(selection)` over all images and per cohort; unavailable when no image was scored."""
     per = {c: score(np.array([x == c for x in cohorts])) for c in sorted(set(cohorts))}
-    overall = score(np.ones(len(req), bool))
+    overall = score(np.ones(len(cohorts), bool))
     if overall["images"] == 0:
-        return {"available": False, "why": "no generated image has a requested age"}
+        return {"available": False, "why": why_none}
     return {"available": True, "model": str(model.path), **overall, "per_cohort": per}
 
 

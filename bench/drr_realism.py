@@ -109,7 +109,7 @@ def xrv_shapes(grid: int) -> tuple[list[dict], dict]:
     from PIL import Image
     from scipy import ndimage as ndi
 
-    from chexforge.balance.readers import xrv_data_dir
+    from chexforge.labels.readers import xrv_data_dir
 
     out, skipped = [], {"total": 0, "not two lungs side by side": 0}
     with zipfile.ZipFile(xrv_data_dir() / "semantic_masks_v7labs_lungs.zip") as z:

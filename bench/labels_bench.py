@@ -16,7 +16,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from chexforge.balance.readers import read_labels, resolve  # noqa: E402
+from chexforge.labels.readers import read_labels, resolve  # noqa: E402
 
 
 def main() -> None:

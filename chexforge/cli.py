@@ -477,7 +477,7 @@ LABELS_HELP = "Label file: CheXpert train.csv, MIMIC-CXR *-chexpert.csv, NIH Dat
 
 
 def _read_labels(labels: str, fmt: str | None, uncertain: str, metadata, patients, admissions, frontal_only: bool):
-    from .balance.readers import read_labels
+    from .labels.readers import read_labels
 
     df = read_labels(labels, fmt, uncertain, metadata, patients, admissions)
     if frontal_only:
@@ -534,8 +534,9 @@ def audit_cmd(
     import json
 
     from . import atomic
-    from .balance.audit import audit, parse_age_bins
+    from .balance.audit import audit
     from .balance.chart import audit_chart
+    from .labels.groups import parse_age_bins
 
     df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
     report = audit(df, [v.strip() for v in by.split(",") if v.strip()], age_bins=parse_age_bins(age_bins))
@@ -580,9 +581,10 @@ def balance_cmd(
     import json
 
     from . import atomic
-    from .balance.audit import audit, check_by, parse_age_bins
+    from .balance.audit import audit
     from .balance.chart import audit_chart
     from .balance.topup import BalanceSpec, allocate, jobs_to_tidy, read_reference, topup_recipe
+    from .labels.groups import check_by, parse_age_bins
     from .plan import plan as make_plan
     from .recipe import load_recipe
 
@@ -593,7 +595,7 @@ def balance_cmd(
     df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
     chosen = [f.strip() for f in findings.split(",")] if findings else None
     if chosen:
-        from .recipe.vocabulary import ALIASES, FINDING_NAMES
+        from .contracts.vocabulary import ALIASES, FINDING_NAMES
 
         chosen = [ALIASES.get(f, f) for f in chosen]
         bad = [f for f in chosen if f not in FINDING_NAMES]
@@ -614,7 +616,7 @@ def balance_cmd(
     import pandas as pd
 
     after = audit(pd.concat([df, synthetic], ignore_index=True), by_vars, before["findings"], bins)
-    from .backends.registry import backend_info
+    from .contracts.backends import backend_info
 
     _print_audit(before, after, title=f"{labels}: {len(df)} real images + {len(synthetic)} synthetic (before → after)",
                  prefer=backend_info(backend).findings)
@@ -646,7 +648,7 @@ def _recipe_name(path: Path) -> str:
 def backends() -> None:
     """List the generator backends and what each can render.
     """
-    from .backends.registry import BACKENDS
+    from .contracts.backends import BACKENDS
 
     t = Table("backend", "what it is", "findings", "views", "masks", "layouts")
     for b in BACKENDS.values():

@@ -13,9 +13,9 @@ import pytest
 from scipy import stats
 
 from chexforge.balance.audit import audit
-from chexforge.balance.readers import read_labels, sniff
 from chexforge.balance.topup import BalanceSpec, allocate, fill, jobs_to_tidy, topup_recipe
 from chexforge.errors import UserError
+from chexforge.labels.readers import read_labels, sniff
 from chexforge.plan import plan
 from chexforge.recipe import parse_recipe
 
@@ -111,7 +111,7 @@ def test_mimic_reader_joins_metadata_patients_and_admissions(tmp_path):
 
 
 def test_manifest_reader(tmp_path):
-    from chexforge.plan.jobs import write_jobs
+    from chexforge.contracts.jobs import write_jobs
 
     r = parse_recipe("name: m\ncohorts: [{name: a, count: 6, findings: {Effusion: 0.5}}]\n")
     write_jobs(plan(r), tmp_path / "jobs.parquet")
@@ -146,7 +146,7 @@ def table(counts: dict[tuple[str, str], tuple[int, int]]) -> pd.DataFrame:
             rows.append({"image": f"{sex}{age}{i}", "patient": None, "sex": sex, "age": float(ages[age]), "race": None,
                          "view": "PA", "Effusion": float(i < pos)})
     df = pd.DataFrame(rows)
-    from chexforge.recipe.vocabulary import FINDING_NAMES
+    from chexforge.contracts.vocabulary import FINDING_NAMES
 
     for f in FINDING_NAMES:
         if f not in df:
@@ -270,7 +270,7 @@ cohorts:
 def test_natural_findings_with_drr_keep_what_it_renders(monkeypatch):
     import dataclasses
 
-    from chexforge.backends import registry
+    from chexforge.contracts import backends as registry
 
     r = parse_recipe("name: nat\ncohorts: [{name: a, count: 2000, findings: natural}]\n")
     df = plan(r).to_pandas()

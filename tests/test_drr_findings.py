@@ -94,7 +94,7 @@ def test_finding_changes_the_image_where_its_mask_says(drr128, base, name, attrs
 
 
 def test_every_chexpert_label_is_registered_and_planned():
-    from chexforge.backends.registry import backend_info
+    from chexforge.contracts.backends import backend_info
     from chexforge.plan import plan
     from chexforge.recipe import parse_recipe
 

@@ -217,7 +217,7 @@ def test_bad_input_exits_2_with_one_line(tiny_out, capsys, args, says):
 
 
 def test_a_label_csv_with_an_image_root_is_a_reference(tiny_out, tmp_path):
-    from chexforge.balance.readers import CHEXPERT_COLUMNS
+    from chexforge.labels.readers import CHEXPERT_COLUMNS
 
     _, ref, _ = tiny_out
     rows = []

@@ -7,8 +7,8 @@ import pyarrow.compute as pc
 import pytest
 from scipy import stats
 
+from chexforge.contracts.jobs import table_bytes
 from chexforge.plan import plan, read_jobs, write_jobs
-from chexforge.plan.jobs import table_bytes
 from chexforge.recipe import load_recipe, parse_recipe
 
 from .conftest import ROOT

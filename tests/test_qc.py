@@ -14,8 +14,8 @@ from PIL import Image
 
 from chexforge import atomic
 from chexforge.errors import UserError
-from chexforge.evaluate import qc as Q
 from chexforge.plan import plan
+from chexforge.qc import rules as Q
 from chexforge.recipe import load_recipe, parse_recipe
 from chexforge.runtime import RunOptions, run
 

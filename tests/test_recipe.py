@@ -113,7 +113,7 @@ def test_a_finding_the_backend_cannot_render_points_at_the_place(tmp_path, monke
     # Every built-in backend renders the whole vocabulary now, so narrow one for the check.
     import dataclasses
 
-    from chexforge.backends import registry
+    from chexforge.contracts import backends as registry
 
     narrow = dataclasses.replace(registry.BACKENDS["drr"], findings=("No Finding", "Effusion"))
     monkeypatch.setitem(registry.BACKENDS, "drr", narrow)

@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from chexforge import atomic
+from chexforge.contracts.jobs import shard_of
 from chexforge.errors import UserError
 from chexforge.export import manifest as mf
 from chexforge.plan import plan
 from chexforge.recipe import parse_recipe
 from chexforge.runtime.pool import parse_devices
-from chexforge.runtime.runner import select_shard, shard_of
+from chexforge.runtime.runner import select_shard
 
 from .conftest import write
 

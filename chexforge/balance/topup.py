@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..backends.registry import backend_info
+from ..contracts.backends import backend_info
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
+from ..labels.groups import DEFAULT_AGE_BINS, age_labels, check_by, with_groups
 from ..recipe.loader import parse_recipe
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
-from .audit import DEFAULT_AGE_BINS, age_labels, check_by, group_table, with_groups
+from .audit import group_table
 
 
 @dataclass
@@ -263,7 +264,7 @@ def jobs_to_tidy(table) -> pd.DataFrame:
 
 def read_reference(path: str | Path, by: list[str], age_bins=DEFAULT_AGE_BINS, fmt: str | None = None) -> pd.DataFrame:
     """A CSV with the --by columns and `share`, or a label file whose group mix is the target."""
-    from .readers import read_labels, resolve
+    from ..labels.readers import read_labels, resolve
 
     p = resolve(path)
     if p.suffix.lower() == ".csv":

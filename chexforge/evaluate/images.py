@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..contracts.vocabulary import FINDING_NAMES
 from ..errors import UserError
-from ..recipe.vocabulary import FINDING_NAMES
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -103,7 +103,7 @@ def _from_folder(path: Path, size: int, limit: int | None) -> ImageSet:
 
 
 def _from_csv(path: Path, size: int, image_root: str | Path | None, limit: int | None) -> ImageSet:
-    from ..balance.readers import read_labels
+    from ..labels.readers import read_labels
 
     df = read_labels(path)
     root = Path(image_root) if image_root is not None else path.parent

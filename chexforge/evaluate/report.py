@@ -23,9 +23,9 @@ import pandas as pd
 import pyarrow as pa
 
 from .. import __version__, atomic
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 from ..export import manifest as mf
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
 from ..store import Store, open_store
 from . import report_charts as charts
 

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING, SEXES, VIEWS
 from ..recipe.schema import Age, Cohort
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING, SEXES, VIEWS
 
 AGE_BINS: tuple[tuple[str, int, int], ...] = (
     ("<20", 0, 19), ("20-29", 20, 29), ("30-39", 30, 39), ("40-49", 40, 49), ("50-59", 50, 59),

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .. import __version__
-from ..recipe.vocabulary import FINDING_NAMES
+from ..contracts.vocabulary import FINDING_NAMES
 from ..store import Store
 
 CARD_COLUMNS = ["job_id", "cohort", "status", "error", "sex", "age", "view", "backend", "model", "model_hash",

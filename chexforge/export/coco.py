@@ -10,7 +10,7 @@ import json
 
 import pyarrow as pa
 
-from ..recipe.vocabulary import FINDINGS
+from ..contracts.vocabulary import FINDINGS
 from ..store import Store
 
 COLUMNS = ["job_id", "cohort", "status", "image_png", "image_dicom", "size", "realised_boxes"]

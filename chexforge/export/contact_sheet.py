@@ -67,7 +67,7 @@ def caption(row: dict, findings: list[str]) -> str:
 def contact_sheet(out: Store | str | Path, manifest: pa.Table, n: int = 24, tile_px: int = 256, columns: int = 6,
                   overlays: bool = True) -> bytes:
     """PNG bytes of up to `n` images, spread evenly over the cohorts."""
-    from ..recipe.vocabulary import FINDING_NAMES
+    from ..contracts.vocabulary import FINDING_NAMES
 
     store = out if isinstance(out, Store) else open_store(out)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).to_pylist()

@@ -16,8 +16,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..contracts.jobs import BOXES, decode_job_ids, job_schema, table_bytes, with_recipe
 from ..errors import UserError
-from ..plan.jobs import BOXES, job_schema, table_bytes, with_recipe
 from ..store import Store, as_store
 
 MANIFEST = "manifest.parquet"
@@ -141,9 +141,8 @@ def merge_parts(store: Store, recipe_json: dict | None = None) -> int:
 def _stream_merge(store: Store, srcs: list[str], target: str, schema: pa.Schema) -> int:
     """Write the rows of `srcs` (the last one of each job id) to `target`, one source in memory
     at a time."""
-    from ..runtime.jobs import ids_u64
 
-    keep = _last_occurrence([ids_u64(_read(store, rel, ["job_id"]).column("job_id")) for rel in srcs])
+    keep = _last_occurrence([decode_job_ids(_read(store, rel, ["job_id"]).column("job_id")) for rel in srcs])
     rows = 0
     plain = manifest_schema()
     with store.open_write(target) as f:

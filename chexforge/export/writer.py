@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Sample
+from ..contracts.sample import Sample
 from ..store import Store
 from . import png
 from .dicom import dx_bytes

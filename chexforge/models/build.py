@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UserError
+from .folder import CLASS_NAME, read_model_index
 from .pipeline import ChexforgePipeline, Conditioning
 from .text import TEXT_PRESETS, OpenClipText
 from .transformer import PRESETS, GuidedTransformer
@@ -43,11 +43,8 @@ def init_pipeline(preset: str = "tiny", text: str = "tiny", text_weights: str | 
 
 def describe(folder: Path) -> dict[str, Any]:
     """What a model folder is and which guidance it supports (for `chexforge models info`)."""
-    from ..backends.diffusion.backend import model_kind
-
-    kind = model_kind(folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    if kind == "diffusers":
+    index = read_model_index(folder)
+    if index.get("_class_name") != CLASS_NAME:
         comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
         return {"folder": str(folder), "kind": f"diffusers pipeline ({index.get('_class_name')})",
                 "guidance": "text only (runs as a text-only diffusion backend)",

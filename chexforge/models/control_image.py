@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..recipe.vocabulary import ANATOMY, FINDINGS
+from ..contracts.vocabulary import ANATOMY, FINDINGS
 
 _PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..contracts.vocabulary import ALIASES, FINDING_NAMES, NO_FINDING
 from ..errors import UserError
-from ..recipe.vocabulary import ALIASES, FINDING_NAMES, NO_FINDING
 
 PATH_COLUMNS = ("path", "Path", "image", "file", "filename", "image_path")
 

@@ -34,11 +34,10 @@ from .. import __version__  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from . import schedulers  # noqa: E402
 from . import vae as vae_ops
+from .folder import CLASS_NAME, read_model_index  # noqa: E402
 from .text import TextEncoder, load_text_encoder  # noqa: E402
 from .transformer import ControlBranch, GuidedTransformer  # noqa: E402
 from .weights import load_state_dict, save_state_dict  # noqa: E402
-
-CLASS_NAME = "ChexforgePipeline"
 
 
 @dataclass
@@ -113,7 +112,7 @@ class ChexforgePipeline:
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> ChexforgePipeline:
         folder = Path(folder)
-        index = _read_index(folder)
+        index = read_model_index(folder)
         if index.get("_class_name") != CLASS_NAME:
             raise UserError(f"model_index.json names {index.get('_class_name')!r}, not a chexforge pipeline "
                             "(diffusers pipelines run through the text-only path)", folder)
@@ -245,16 +244,6 @@ def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
         return t
     pad = torch.zeros(t.shape[0], length - t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
     return torch.cat([t, pad], 1)
-
-
-def _read_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    if not path.is_file():
-        raise UserError("no model_index.json: not a model folder (expected a save_pretrained layout)", folder)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"model_index.json is not valid JSON ({e.msg} at line {e.lineno})", path) from None
 
 
 def _load_strict(module: torch.nn.Module, state: dict, where: Path) -> None:

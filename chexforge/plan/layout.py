@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..contracts.jobs import BOX, BOXES
+from ..contracts.vocabulary import BY_NAME
 from ..errors import UserError
 from ..recipe.schema import Cohort, Recipe, layout_source
-from ..recipe.vocabulary import BY_NAME
 from . import rng
-from .jobs import BOX, BOXES
 
 
 @dataclass

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..backends.registry import backend_info
+from ..contracts.backends import backend_info
+from ..contracts.jobs import encode_job_ids, job_schema, with_recipe
+from ..contracts.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
 from ..recipe.loader import recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe, layout_source
-from ..recipe.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
 from . import layout, prompts, rng, sampling
-from .jobs import job_schema, with_recipe
 
 
 def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
@@ -66,7 +66,7 @@ def plan_cohort(recipe: Recipe, cohort: Cohort, start: int = 0, stop: int | None
     u = rng.Streams(key, n, sampling.stream_names(cohort), start)
 
     cols: dict[str, pa.Array] = {
-        "job_id": rng.hex64(rng.bits(key, index, "id")),
+        "job_id": encode_job_ids(rng.bits(key, index, "id")),
         "cohort": pa.repeat(pa.scalar(cohort.name), n),
         "index": pa.array(index.astype(np.int64)),
         "seed": pa.array((rng.bits(key, index, "seed") >> np.uint64(1)).astype(np.int64)),

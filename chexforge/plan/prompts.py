@@ -10,7 +10,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..recipe.vocabulary import FINDINGS, NO_FINDING
+from ..contracts.vocabulary import FINDINGS, NO_FINDING
 
 _FIELD = re.compile(r"\{([^{}]*)\}")
 

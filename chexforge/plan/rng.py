@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pyarrow as pa
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -68,14 +67,3 @@ class Streams:
 
     def __call__(self, name: str) -> np.ndarray:
         return self.table[:, self.names.index(name)]
-
-
-_HEX = np.array([f"{i:02x}" for i in range(256)], dtype="S2")
-
-
-def hex64(values: np.ndarray) -> pa.Array:
-    """uint64 → 16-character lowercase hex strings (big-endian), built straight into Arrow buffers."""
-    raw = values.astype(">u8").view(np.uint8).reshape(-1, 8)
-    chars = np.ascontiguousarray(_HEX[raw]).view(np.uint8).ravel()
-    offsets = np.arange(len(values) + 1, dtype=np.int32) * 16
-    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(chars)])

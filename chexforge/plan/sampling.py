@@ -8,9 +8,15 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr, ndtri
 
+from ..contracts.vocabulary import (
+    BY_NAME,
+    LATERAL_FINDINGS,
+    NO_FINDING,
+    SEVERITIES,
+    SEVERITY_FINDINGS,
+)
+from ..contracts.vocabulary import FINDINGS as VOCAB
 from ..recipe.schema import Age, Cohort, FindingSpec, parse_age_bin
-from ..recipe.vocabulary import BY_NAME, LATERAL_FINDINGS, NO_FINDING, SEVERITIES, SEVERITY_FINDINGS
-from ..recipe.vocabulary import FINDINGS as VOCAB
 
 
 def category_index(weights: dict[str, float], u: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..backends.registry import backend_info
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
+from ..contracts.backends import backend_info
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 
 
 def cohort_summary(table: pa.Table) -> list[dict]:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..balance.audit import age_labels, with_groups
-from ..balance.readers import CHEXPERT_COLUMNS, read_chexpert, xrv_data_dir
+from ..labels.groups import age_labels, with_groups
+from ..labels.readers import CHEXPERT_COLUMNS, read_chexpert, xrv_data_dir
 
 K_MIN = 10  # combinations seen fewer times than this in a stratum are not published
 AGE_BINS = (18, 40, 60, 80)

@@ -16,8 +16,8 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from ..balance.readers import xrv_data_dir
 from ..errors import UserError
+from ..labels.readers import xrv_data_dir
 
 SIIM_SIDE = 1024
 

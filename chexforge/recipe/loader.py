@@ -120,7 +120,7 @@ def _position(tree: Any, loc: tuple) -> tuple[int, int]:
 
 
 def _key_in(mapping: dict, part: Any) -> Any:
-    from .vocabulary import ALIASES
+    from ..contracts.vocabulary import ALIASES
 
     if part in mapping:
         return part

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .vocabulary import (
+from ..contracts.backends import backend_info, backend_names
+from ..contracts.model_files import XRV_MODELS, model_problem
+from ..contracts.vocabulary import (
     ALIASES,
     ANATOMY,
     BY_NAME,
@@ -211,7 +213,7 @@ QC_DEFAULT_MIN = {"finding_visible": 0.02, "mask_area": 0.001, "not_blank": 0.05
 
 
 class QCRule(Strict):
-    """One quality check (chexforge/evaluate/qc.py): an image passes when the check's value >= min."""
+    """One quality check (chexforge/qc/rules.py): an image passes when the check's value >= min."""
 
     check: Literal[QC_CHECKS]  # type: ignore[valid-type]
     min: float | None = Field(None, ge=0.0, le=1.0)
@@ -340,8 +342,6 @@ class Recipe(Strict):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        from ..backends.registry import backend_names
-
         if v not in backend_names():
             raise ValueError(f"unknown backend {v!r}; expected one of {', '.join(backend_names())}")
         return v
@@ -356,15 +356,11 @@ class Recipe(Strict):
 
 def layout_source(recipe: Recipe, cohort: Cohort) -> str:
     """The cohort's layout source, or the backend's default when the recipe leaves it out."""
-    from ..backends.registry import backend_info
-
     return cohort.layout.source or backend_info(recipe.backend).default_layout
 
 
 def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Cross-field checks, each with the location (a pydantic-style loc) it is about."""
-    from ..backends.registry import backend_info  # pure data: no torch
-
     problems: list[tuple[tuple, str]] = []
     info = backend_info(recipe.backend)
     if info.needs_model and recipe.model is None:
@@ -383,18 +379,34 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         for m in cohort.masks or ():
             if m not in info.anatomy:
                 problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend cannot draw the {m!r} mask"))
-            elif recipe.backend == "diffusion" and layout_source(recipe, cohort) != "prior":
-                problems.append((("cohorts", i, "masks"), "the diffusion backend takes anatomy masks from the prior "
-                                 "mask library: use layout: prior"))
+            elif info.mask_layouts is not None and source not in info.mask_layouts:
+                problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend draws anatomy masks only with "
+                                 f"layout: {' or '.join(info.mask_layouts)}"))
         for view in cohort.view:
             if view not in info.views:
                 problems.append((("cohorts", i, "view"),
                                  f"the {recipe.backend} backend renders views {', '.join(info.views)}, not {view!r}"))
         problems += _finding_problems(cohort, i, info.findings, recipe.backend)
-    from ..evaluate.qc import qc_problems  # pure: checks that local QC models exist
-
-    problems += qc_problems(recipe)
+    problems += _qc_problems(recipe)
     return problems
+
+
+def _qc_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Located problems of the recipe's QC models (for recipe validation). A relative path is
+    checked once the recipe's folder is known (when the runtime loads the models)."""
+    out: list[tuple[tuple, str]] = []
+    places = [(("qc",), recipe.qc)] + [(("cohorts", i, "qc"), c.qc) for i, c in enumerate(recipe.cohorts)]
+    for loc, qc in places:
+        for j, rule in enumerate(qc.rules if qc is not None else []):
+            if rule.model is None:
+                continue
+            relative = rule.model not in XRV_MODELS and not Path(rule.model).expanduser().is_absolute()
+            if relative and recipe._base_dir is None:
+                continue
+            problem = model_problem(rule.model, rule.check, lambda s: Path(recipe.resolve_path(s)))
+            if problem:
+                out.append(((*loc, "rules", j, "model"), problem))
+    return out
 
 
 def _finding_problems(cohort: Cohort, i: int, supported: tuple[str, ...], backend: str) -> list[tuple[tuple, str]]:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import Sample
 from ..backends.registry import load_backend
-from ..evaluate.qc import QCRunner, attempt_seed
+from ..contracts.sample import Sample
 from ..export import manifest as mf
 from ..export.writer import export_sample
+from ..qc import QCRunner, attempt_seed
 from ..recipe.schema import Recipe
 from ..store import open_store
 

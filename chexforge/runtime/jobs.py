@@ -2,7 +2,6 @@
 
 A source is a recipe (planned chunk by chunk: every draw depends only on the job's index, so the
 chunks are exactly the full plan), a jobs.parquet file (read row group by row group), or a table.
-Job ids are 16 hex digits, handled as uint64 arrays for membership tests.
 """
 
 from __future__ import annotations
@@ -12,20 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..contracts.jobs import JOB_COLUMNS, decode_job_ids, shard_mask
 from ..recipe.schema import Recipe
 
 CHUNK = 4096  # jobs planned at a time: bounds memory, large enough to stay vectorised
-
-
-def ids_u64(job_ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-    """16-hex-digit job ids → uint64 (vectorised through one hex decode)."""
-    values = job_ids.to_pylist() if not isinstance(job_ids, list) else job_ids
-    if not values:
-        return np.zeros(0, dtype=np.uint64)
-    return np.frombuffer(bytes.fromhex("".join(values)), dtype=">u8").astype(np.uint64)
 
 
 class JobSource:
@@ -45,8 +36,6 @@ class JobSource:
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> JobSource:
-        from ..plan.jobs import JOB_COLUMNS
-
         total = pq.ParquetFile(path).metadata.num_rows
         return cls(lambda: pq.ParquetFile(path).iter_batches(batch_size=CHUNK, columns=list(JOB_COLUMNS)), total)
 
@@ -59,17 +48,8 @@ class JobSource:
                 yield table
 
     def ids(self, shard: tuple[int, int] | None = None) -> np.ndarray:
-        parts = [ids_u64(t.column("job_id")) for t in self.chunks(shard)]
+        parts = [decode_job_ids(t.column("job_id")) for t in self.chunks(shard)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-
-
-def shard_mask(job_ids: pa.Array | pa.ChunkedArray, i: int, n: int) -> np.ndarray:
-    """Shard of each job: its id's first 8 hex digits modulo n (ids are uniform hashes)."""
-    heads = pc.utf8_slice_codeunits(job_ids, 0, 8).to_pylist()
-    if not heads:
-        return np.zeros(0, dtype=bool)
-    values = np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u4").astype(np.int64)
-    return values % n == i
 
 
 def todo_batches(source: JobSource, shard: tuple[int, int] | None, done: np.ndarray, limit: int | None,
@@ -79,7 +59,7 @@ def todo_batches(source: JobSource, shard: tuple[int, int] | None, done: np.ndar
     done_sorted = np.sort(done)
     for chunk in source.chunks(shard):
         if len(done_sorted):
-            ids = ids_u64(chunk.column("job_id"))
+            ids = decode_job_ids(chunk.column("job_id"))
             pos = np.searchsorted(done_sorted, ids).clip(0, len(done_sorted) - 1)
             chunk = chunk.filter(pa.array(done_sorted[pos] != ids))
         if left is not None:

@@ -13,11 +13,11 @@ import json
 import os
 from pathlib import Path
 
+from ..contracts.jobs import RECIPE_KEY, table_bytes
 from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
-from ..plan.jobs import RECIPE_KEY, table_bytes
 from ..store import Store, open_store
 
 
@@ -72,7 +72,7 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
     merged = mf.rows_to_table(rows_out)
     recipe_json = known[0] if known else {}
     if known:
-        from ..plan.jobs import with_recipe
+        from ..contracts.jobs import with_recipe
 
         merged = with_recipe(merged, recipe_json)
     target.write_bytes(mf.MANIFEST, table_bytes(merged))

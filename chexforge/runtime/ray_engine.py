@@ -62,7 +62,7 @@ def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
-    from ..plan.jobs import job_schema
+    from ..contracts.jobs import job_schema
 
     schema = job_schema()
     blocks, size = [], 1

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from ..contracts.jobs import decode_job_ids, shard_mask
 from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
@@ -26,7 +26,7 @@ from ..export.coco import write_coco
 from ..recipe.loader import recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
-from .jobs import JobSource, ids_u64, shard_mask, todo_batches
+from .jobs import JobSource, todo_batches
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import Tracker
 
@@ -79,12 +79,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_of(job_ids: pa.Array, n: int) -> np.ndarray:
-    """Shard number of each job (the first 8 hex digits of its id, modulo n)."""
-    heads = pc.utf8_slice_codeunits(job_ids, 0, 8).to_pylist()
-    return np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u4").astype(np.int64) % n
-
-
 def select_shard(jobs: pa.Table, shard: tuple[int, int] | None) -> pa.Table:
     if shard is None:
         return jobs
@@ -105,7 +99,7 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
     table = mf.read_manifest(store, mf.STATUS_COLUMNS)
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.uint64)
-    ids = ids_u64(table.column("job_id"))
+    ids = decode_job_ids(table.column("job_id"))
     planned_sorted = np.sort(planned)
     pos = np.searchsorted(planned_sorted, ids).clip(0, max(len(planned_sorted) - 1, 0))
     foreign = int((planned_sorted[pos] != ids).sum()) if len(planned_sorted) else len(ids)
@@ -124,7 +118,7 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
 
 
 def batch_size_of(recipe: Recipe, override: int | None) -> int:
-    from ..backends.registry import backend_info
+    from ..contracts.backends import backend_info
 
     return int(override or getattr(backend_info(recipe.backend).options(recipe.backend_options), "batch_size", 4))
 

@@ -8,7 +8,6 @@ Two kinds of model folder run here:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ import numpy as np
 import torch
 
 from ... import __version__
+from ...contracts.sample import Sample
 from ...errors import UserError
-from ..base import Sample
+from ...models.folder import model_kind
 from .options import DiffusionOptions
 
 
@@ -25,18 +25,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def model_kind(folder: Path) -> str:
-    """'chexforge' or 'diffusers' (a text-to-image pipeline), from model_index.json."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise UserError("no model_index.json: not a model folder (make one with `chexforge models init` or import one)", folder)
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except json.JSONDecodeError as e:
-        raise UserError(f"model_index.json is not valid JSON ({e.msg})", index) from None
-    return "chexforge" if name == "ChexforgePipeline" else "diffusers"
 
 
 class DiffusionBackend:

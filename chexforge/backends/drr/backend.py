@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ... import __version__
-from ..base import Sample
+from ...contracts.sample import Sample
 from . import imaging
 from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, choose_level, ct_spacing, load_phantom
 from .findings import Inserter, Insertion, PlacementError, rays_hitting

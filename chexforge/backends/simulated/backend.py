@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
-from ..base import Sample
+from ...contracts.sample import Sample
 from .options import SimulatedOptions
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
 
 FORMATS = ("chexpert", "mimic", "nih", "padchest", "manifest")
 UNCERTAIN = ("negative", "positive", "ignore")
@@ -121,7 +121,7 @@ def read_labels(source: str | Path, fmt: str | None = None, uncertain: str = "ne
         return read_nih(path)
     if fmt == "padchest":
         return read_padchest(path)
-    return read_manifest(path)
+    return read_manifest_labels(path)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def read_padchest(path: Path) -> pd.DataFrame:
     return _finish(out)
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
+def read_manifest_labels(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_parquet(path)
     except (OSError, ValueError) as e:

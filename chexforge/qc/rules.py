@@ -23,21 +23,18 @@ never a pass.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..contracts.model_files import model_file, model_problem
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
+from ..errors import UserError
 from ..plan import rng
-from ..recipe.vocabulary import FINDING_NAMES, NO_FINDING
+from .models import Classifier
 
-XRV_MODELS = {  # chexforge name → the file torchxrayvision stores in its cache folder
-    "xrv-densenet": "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt",
-}
-XRV_WEIGHTS = {"xrv-densenet": "densenet121-res224-all"}  # torchxrayvision's own name for it
 # A classifier that sees a requested finding may rightly also see the broader labels it implies.
 IMPLIES = {
     "Nodule": {"Lung Lesion", "Lung Opacity"}, "Mass": {"Lung Lesion", "Lung Opacity"},
@@ -45,10 +42,6 @@ IMPLIES = {
     "Pneumonia": {"Lung Opacity", "Consolidation"}, "Atelectasis": {"Lung Opacity"},
     "Edema": {"Lung Opacity"}, "Cardiomegaly": {"Enlarged Cardiomediastinum"},
 }
-
-
-def xrv_cache_dir() -> Path:
-    return Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data")))
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -101,101 +94,19 @@ def finding_visible(image: np.ndarray, masks: dict[str, np.ndarray], findings: l
 # ---- model checks -----------------------------------------------------------------------------
 
 
-def _model_file(spec: str, base: Callable[[str], Path] | None) -> Path:
-    if spec in XRV_MODELS:
-        return xrv_cache_dir() / XRV_MODELS[spec]
-    return base(spec) if base is not None else Path(spec).expanduser()
-
-
-def model_problem(spec: str, check: str, base: Callable[[str], Path] | None = None) -> str | None:
-    """Why the model of a rule cannot be used, or None. Looks at files only (no torch)."""
-    if check == "sex" and spec in XRV_MODELS:
-        return f"the sex check needs a local TorchScript sex classifier file, not {spec!r}"
-    path = _model_file(spec, base)
-    if spec in XRV_MODELS and not path.is_file():
-        return (f"the {spec} weights are not on this machine ({path}); chexforge never downloads them: "
-                "put the file there, or give a local TorchScript file")
-    if spec not in XRV_MODELS and not path.is_file():
-        return f"no such model file {str(path)!r} (expected a local TorchScript file or xrv-densenet)"
-    return None
-
-
-def qc_problems(recipe: Any) -> list[tuple[tuple, str]]:
-    """Located problems of the recipe's QC models (for recipe validation). A relative path is
-    checked once the recipe's folder is known (when the runtime loads the models)."""
-    out: list[tuple[tuple, str]] = []
-    places = [(("qc",), recipe.qc)] + [(("cohorts", i, "qc"), c.qc) for i, c in enumerate(recipe.cohorts)]
-    for loc, qc in places:
-        for j, rule in enumerate(qc.rules if qc is not None else []):
-            if rule.model is None:
-                continue
-            relative = rule.model not in XRV_MODELS and not Path(rule.model).expanduser().is_absolute()
-            if relative and getattr(recipe, "_base_dir", None) is None:
-                continue
-            problem = model_problem(rule.model, rule.check, lambda s: Path(recipe.resolve_path(s)))
-            if problem:
-                out.append(((*loc, "rules", j, "model"), problem))
-    return out
-
-
-class _Model:
-    """A loaded image classifier: images (N, H, W) in [0, 1] → probabilities (N, K) by label."""
-
-    def __init__(self, spec: str, path: Path, device: str):
-        import torch
-
-        self.torch, self.device = torch, device
-        self.xrv = spec in XRV_MODELS
-        if spec in XRV_MODELS:
-            try:
-                import torchxrayvision as xrv
-            except Exception as e:  # noqa: BLE001 - a broken install is bad input, one line
-                from ..errors import UserError
-
-                raise UserError(f"qc model {spec}: torchxrayvision cannot be imported ({type(e).__name__}: {e})") from None
-            # The weights file is already in xrv's cache (checked before), so this loads it and downloads nothing.
-            self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS[spec])
-            self.labels = [str(p) for p in self.net.pathologies]
-        else:
-            from ..errors import UserError
-
-            try:
-                self.net = torch.jit.load(str(path), map_location=device)
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"cannot load the TorchScript qc model ({type(e).__name__}: {e})", path) from None
-            self.labels = [str(p) for p in getattr(self.net, "pathologies", [])]
-        self.net = self.net.to(device).eval()
-
-    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
-        torch = self.torch
-        with torch.no_grad():
-            x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32)).to(self.device)
-            # TorchScript models take [0, 1] at their `input_size` (as `chexforge eval` feeds them);
-            # torchxrayvision's DenseNet its own range [-1024, 1024] at 224 px.
-            size = 224 if self.xrv else int(getattr(self.net, "input_size", 224))
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            y = self.net(x * 2048.0 - 1024.0 if self.xrv else x)
-            y = y.float().reshape(len(images), -1).cpu().numpy()
-        if y.min() < 0 or y.max() > 1:  # logits
-            y = 1.0 / (1.0 + np.exp(-y))
-        return y
-
-
 @dataclass
 class Rule:
     check: str
     threshold: float
-    model: _Model | None = None
+    model: Classifier | None = None
 
 
 class QCRunner:
     """The QC rules of each cohort of a recipe, with their models loaded once."""
 
     def __init__(self, recipe: Any, device: str | None = None):
-        from ..errors import UserError
-
         device = device if device and device.startswith("cuda") else "cpu"
-        loaded: dict[str, _Model] = {}
+        loaded: dict[str, Classifier] = {}
         self.by_cohort: dict[str, tuple[int, list[Rule]]] = {}
         for cohort in recipe.cohorts:
             qc = cohort.qc if cohort.qc is not None else recipe.qc
@@ -209,7 +120,7 @@ class QCRunner:
                         problem = model_problem(r.model, r.check, lambda s: Path(recipe.resolve_path(s)))
                         if problem:
                             raise UserError(f"cohort {cohort.name!r}: qc {r.check}: {problem}")
-                        loaded[r.model] = _Model(r.model, _model_file(r.model, lambda s: Path(recipe.resolve_path(s))), device)
+                        loaded[r.model] = Classifier(r.model, model_file(r.model, lambda s: Path(recipe.resolve_path(s))), device)
                     model = loaded[r.model]
                 rules.append(Rule(r.check, float(r.min), model))
             self.by_cohort[cohort.name] = (qc.max_attempts, rules)

@@ -1,0 +1,105 @@
+"""What each generator backend can do, as plain data (DESIGN.md, "Backend protocol").
+
+Recipe validation, the planner and balance read this table, so a recipe is checked against the
+backend it names without importing torch or the backend's code. Each backend's options model
+(pydantic, no torch) and its implementation are named as "module:Class" and imported only when
+needed: the options when a recipe is validated, the implementation (`backends.registry.load_backend`)
+when a run starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .vocabulary import FINDING_NAMES
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    summary: str
+    findings: tuple[str, ...]
+    anatomy: tuple[str, ...]
+    views: tuple[str, ...]
+    layouts: tuple[str, ...]
+    options_model: str  # "module:Class" of the pydantic model of backend_options (pure: no torch)
+    factory: str  # "module:Class"
+    needs_model: bool = False
+    default_anatomy: tuple[str, ...] = ()  # masks a cohort gets when it names none
+    default_layout: str = "none"  # layout source a cohort gets when it names none
+    seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
+    mask_layouts: tuple[str, ...] | None = None  # layouts under which anatomy masks can be drawn (None: any)
+
+    def options_class(self) -> type[BaseModel]:
+        module, cls = self.options_model.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def options(self, raw: dict[str, Any]) -> BaseModel:
+        return self.options_class()(**raw)
+
+    def check_options(self, raw: dict[str, Any]) -> list[tuple[tuple, str]]:
+        try:
+            self.options(raw)
+        except ValidationError as e:
+            return [(tuple(err["loc"]), err["msg"] if err["type"] != "extra_forbidden"
+                     else f"unknown option; the {self.name} backend takes "
+                          + ", ".join(self.options_class().model_fields)) for err in e.errors()]
+        return []
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    "drr": BackendInfo(
+        name="drr",
+        summary="physics-based radiographs rendered from a real chest CT (CPU or GPU)",
+        # The 14 CheXpert labels and the lesion classes, each inserted in 3-D (drr/findings_place.py).
+        findings=("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                  "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion",
+                  "Pleural Other", "Fracture", "Support Devices", "Nodule", "Mass"),
+        anatomy=("lungs", "lung_left", "lung_right", "heart"),
+        views=("PA", "AP", "LL"),
+        layouts=("physics",),
+        options_model="chexforge.backends.drr.options:DRROptions",
+        factory="chexforge.backends.drr.backend:DRRBackend",
+        seconds_per_image={"cpu": 0.6},
+        default_anatomy=("lungs", "heart"),
+        default_layout="physics",
+    ),
+    "diffusion": BackendInfo(
+        name="diffusion",
+        summary="text-, mask- and box-guided latent diffusion transformer (ChexGen-style), or any "
+                "diffusers text-to-image pipeline, from a local model folder",
+        findings=FINDING_NAMES,
+        anatomy=("lungs",),  # from the prior mask library (layout: prior)
+        views=("PA", "AP", "LL"),
+        layouts=("none", "explicit", "prior"),
+        options_model="chexforge.backends.diffusion.options:DiffusionOptions",
+        factory="chexforge.backends.diffusion.backend:DiffusionBackend",
+        needs_model=True,
+        mask_layouts=("prior",),  # anatomy masks come from the prior mask library
+        seconds_per_image={"cpu": 2.0},
+    ),
+    "simulated": BackendInfo(
+        name="simulated",
+        summary="a stand-in device for pipeline benchmarks and fault tests (sleeps, returns synthetic patterns)",
+        findings=FINDING_NAMES,
+        anatomy=("lungs", "lung_left", "lung_right", "heart"),
+        views=("PA", "AP", "LL"),
+        layouts=("none", "physics", "explicit", "prior"),
+        options_model="chexforge.backends.simulated.options:SimulatedOptions",
+        factory="chexforge.backends.simulated.backend:SimulatedBackend",
+        seconds_per_image={"cpu": 0.0},
+        default_layout="none",
+    ),
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def backend_info(name: str) -> BackendInfo:
+    return BACKENDS[name]

@@ -30,6 +30,14 @@ RECIPE_KEY = b"chexforge.recipe"
 VERSION_KEY = b"chexforge.version"
 
 
+def laterality_column(finding: str) -> str:
+    return f"{finding}.laterality"
+
+
+def severity_column(finding: str) -> str:
+    return f"{finding}.severity"
+
+
 def job_schema() -> pa.Schema:
     fields = [
         pa.field("job_id", pa.string(), nullable=False),
@@ -42,8 +50,8 @@ def job_schema() -> pa.Schema:
         pa.field("race", pa.string()),
     ]
     fields += [pa.field(name, pa.int8()) for name in FINDING_NAMES]
-    fields += [pa.field(f"{name}.laterality", pa.string()) for name in LATERAL_FINDINGS]
-    fields += [pa.field(f"{name}.severity", pa.string()) for name in SEVERITY_FINDINGS]
+    fields += [pa.field(laterality_column(name), pa.string()) for name in LATERAL_FINDINGS]
+    fields += [pa.field(severity_column(name), pa.string()) for name in SEVERITY_FINDINGS]
     fields += [
         pa.field("prompt", pa.string()),
         pa.field("layout", pa.string()),
@@ -56,14 +64,6 @@ def job_schema() -> pa.Schema:
 
 
 JOB_COLUMNS = tuple(job_schema().names)
-
-
-def laterality_column(finding: str) -> str:
-    return f"{finding}.laterality"
-
-
-def severity_column(finding: str) -> str:
-    return f"{finding}.severity"
 
 
 # ---- job ids: encode, decode, shard -----------------------------------------------------------

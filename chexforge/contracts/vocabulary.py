@@ -64,8 +64,3 @@ ALIASES = {
     "No finding": NO_FINDING,
     "Lung lesion": "Lung Lesion",
 }
-
-
-def attribute_column(finding: str, attribute: str) -> str:
-    """Column name of a finding attribute in jobs.parquet, e.g. `Effusion.laterality`."""
-    return f"{finding}.{attribute}"

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .. import __version__, atomic
+from ..contracts.jobs import laterality_column, severity_column
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 from ..export import manifest as mf
@@ -198,7 +199,7 @@ def _findings_text(row: dict) -> str:
     for f in FINDING_NAMES:
         if f == NO_FINDING or not row.get(f):
             continue
-        extra = " ".join(str(row[k]) for k in (f"{f}.severity", f"{f}.laterality") if row.get(k))
+        extra = " ".join(str(row[k]) for k in (severity_column(f), laterality_column(f)) if row.get(k))
         parts.append(f"{f} ({extra})" if extra else f)
     return ", ".join(parts) or NO_FINDING
 

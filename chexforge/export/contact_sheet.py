@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
+from ..contracts.jobs import laterality_column
 from ..store import Store, open_store
 from .png import read_png
 
@@ -59,7 +60,7 @@ def _dicom_pixels(data) -> np.ndarray:
 
 def caption(row: dict, findings: list[str]) -> str:
     present = [f for f in findings if row.get(f)]
-    lat = [row.get(f"{f}.laterality") for f in present]
+    lat = [row.get(laterality_column(f)) for f in present]
     text = ", ".join(f"{f} {side}" if side else f for f, side in zip(present, lat)) or "No Finding"
     return f"{row['cohort']} · {row['view']} {row['sex']}{row['age']}\n{text}"
 

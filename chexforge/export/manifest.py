@@ -11,7 +11,6 @@ the batches in flight.
 from __future__ import annotations
 
 import io
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,7 +197,3 @@ def iter_manifest(store: Store, columns: list[str] | None = None, batch_size: in
     local = store.local_path(MANIFEST)
     source = str(local) if local is not None else io.BytesIO(store.read_bytes(MANIFEST))
     yield from pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=columns)
-
-
-def sampler_json(identity: dict) -> str:
-    return json.dumps(identity.get("sampler", {}), sort_keys=True)

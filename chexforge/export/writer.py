@@ -45,7 +45,7 @@ def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: li
         row["image_png"] = where["png"]
         row["sha256_png"] = store.write_bytes(where["png"], png.png16_bytes(sample.image))
     if "dicom" in formats:
-        pixel_mm = (sample.meta.get("geometry") or {}).get("pixel_mm")
+        pixel_mm = sample.projection.pixel_spacing_mm if sample.projection is not None else None
         row["image_dicom"] = where["dicom"]
         row["sha256_dicom"] = store.write_bytes(where["dicom"], dx_bytes(sample.image, job, pixel_mm, identity))
     masks = []

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -315,7 +314,3 @@ def vlb_loss(v: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, xt: torch.Ten
     kl = 0.5 * (-1.0 + model_log - true_log + torch.exp(true_log - model_log)
                 + (true_mean - model_mean) ** 2 * torch.exp(-model_log))
     return kl.mean() / math.log(2.0)
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")

@@ -17,7 +17,7 @@ numerically the diffusers model (tested).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from diffusers import PixArtTransformer2DModel
@@ -115,9 +115,6 @@ class GuidedTransformer(nn.Module):
             heads=c.num_attention_heads, caption_channels=c.caption_channels,
             interpolation_scale=float(c.interpolation_scale or 1.0),
             control_blocks=len(self.control) if self.control is not None else 0)
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
 
     def enable_gradient_checkpointing(self) -> None:
         self.base.enable_gradient_checkpointing()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..contracts.jobs import BOX, BOXES
+from ..contracts.jobs import BOX, BOXES, laterality_column
 from ..contracts.vocabulary import BY_NAME
 from ..errors import UserError
 from ..recipe.schema import Cohort, Recipe, layout_source
@@ -61,7 +61,7 @@ def prior_layout(cohort: Cohort, key: int, index: np.ndarray, cols: dict) -> tup
         present = np.asarray(cols[name], dtype=np.int8) == 1
         if not present.any():
             continue
-        lat_col = cols.get(f"{name}.laterality")
+        lat_col = cols.get(laterality_column(name))
         lat = lat_col.to_numpy(zero_copy_only=False) if lat_col is not None else np.full(n, None, dtype=object)
         rows = np.flatnonzero(present)
         sides = lat[rows].astype(object)
@@ -96,7 +96,7 @@ def prior_layout(cohort: Cohort, key: int, index: np.ndarray, cols: dict) -> tup
             pick = np.floor(rng.uniform(key, index, "mask:lungs") * len(lungs)).astype(np.int64)
             refs = np.array([f"{a};{b}" for a, b in zip(refs, np.array(lungs, dtype=object)[pick])], dtype=object)
         if ptx.any():
-            lat_col = cols.get("Pneumothorax.laterality")
+            lat_col = cols.get(laterality_column("Pneumothorax"))
             lat = lat_col.to_numpy(zero_copy_only=False) if lat_col is not None else np.full(n, None, dtype=object)
             u = rng.uniform(key, index, "mask:siim")
             for side in ("left", "right", None):

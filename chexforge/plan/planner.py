@@ -13,7 +13,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..contracts.backends import backend_info
-from ..contracts.jobs import encode_job_ids, job_schema, with_recipe
+from ..contracts.jobs import (
+    encode_job_ids,
+    job_schema,
+    laterality_column,
+    severity_column,
+    with_recipe,
+)
 from ..contracts.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
 from ..recipe.loader import recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe, layout_source
@@ -82,9 +88,9 @@ def plan_cohort(recipe: Recipe, cohort: Cohort, start: int = 0, stop: int | None
     for name in FINDING_NAMES:
         cols[name] = pa.array(finding_cols[name])
     for name in LATERAL_FINDINGS:
-        cols[f"{name}.laterality"] = finding_cols[f"{name}.laterality"]
+        cols[laterality_column(name)] = finding_cols[laterality_column(name)]
     for name in SEVERITY_FINDINGS:
-        cols[f"{name}.severity"] = finding_cols[f"{name}.severity"]
+        cols[severity_column(name)] = finding_cols[severity_column(name)]
 
     boxes, refs = layout.choose(recipe, cohort, key, index, cols)
     cols = _mark_layout_findings(cols, boxes)

@@ -10,6 +10,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..contracts.jobs import laterality_column, severity_column
 from ..contracts.vocabulary import FINDINGS, NO_FINDING
 
 _FIELD = re.compile(r"\{([^{}]*)\}")
@@ -33,9 +34,9 @@ def findings_text(columns: dict[str, pa.Array], n: int) -> pa.Array:
         parts = []
         for chunk in re.split(r"(\{severity\}|\{laterality\})", finding.phrase):
             if chunk == "{severity}":
-                parts.append(pc.fill_null(columns[f"{finding.name}.severity"], ""))
+                parts.append(pc.fill_null(columns[severity_column(finding.name)], ""))
             elif chunk == "{laterality}":
-                parts.append(pc.fill_null(columns[f"{finding.name}.laterality"], ""))
+                parts.append(pc.fill_null(columns[laterality_column(finding.name)], ""))
             elif chunk:
                 parts.append(pa.scalar(chunk))
         text = pc.binary_join_element_wise(*parts, "") if len(parts) > 1 else pa.repeat(pa.scalar(finding.phrase), n)

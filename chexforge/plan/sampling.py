@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr, ndtri
 
+from ..contracts.jobs import laterality_column, severity_column
 from ..contracts.vocabulary import (
     BY_NAME,
     LATERAL_FINDINGS,
@@ -91,9 +92,9 @@ def findings(cohort: Cohort, u: Callable[[str], np.ndarray], n: int,
     (sex, age, view) in `demographics`, over the findings the backend can render."""
     cols: dict[str, np.ndarray | pa.Array] = {f.name: np.zeros(n, dtype=np.int8) for f in VOCAB}
     for name in LATERAL_FINDINGS:
-        cols[f"{name}.laterality"] = pa.nulls(n, pa.string())
+        cols[laterality_column(name)] = pa.nulls(n, pa.string())
     for name in SEVERITY_FINDINGS:
-        cols[f"{name}.severity"] = pa.nulls(n, pa.string())
+        cols[severity_column(name)] = pa.nulls(n, pa.string())
     if cohort.findings == "natural":
         from ..priors.tables import natural_findings, prior_findings
 
@@ -110,10 +111,10 @@ def findings(cohort: Cohort, u: Callable[[str], np.ndarray], n: int,
         cols[name] = present.astype(np.int8)
         finding = BY_NAME[name]
         if finding.laterality:
-            cols[f"{name}.laterality"] = categorical(
+            cols[laterality_column(name)] = categorical(
                 spec.laterality or default_laterality(name), u(f"lat:{name}"), present)
         if finding.severity:
-            cols[f"{name}.severity"] = categorical(
+            cols[severity_column(name)] = categorical(
                 spec.severity or DEFAULT_SEVERITY, u(f"sev:{name}"), present)
     any_finding = np.zeros(n, dtype=bool)
     for f in VOCAB:

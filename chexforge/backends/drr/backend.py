@@ -16,7 +16,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ... import __version__
-from ...contracts.sample import Sample
+from ...contracts.sample import Projection, Sample
 from . import imaging
 from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, choose_level, ct_spacing, load_phantom
 from .findings import Inserter, Insertion, PlacementError, rays_hitting
@@ -173,7 +173,9 @@ class DRRBackend:
         out_masks = {k: all_masks[k].cpu().numpy() for k in wanted if k in all_masks}
         out_masks.update({k: v.cpu().numpy() for k, v in lesion_masks.items()})
         meta["seconds"] = round(time.perf_counter() - t0, 4)
-        return Sample(job["job_id"], image.float().cpu().numpy(), out_masks, boxes, meta)
+        projection = Projection(geom.pixel_mm, geom.sid, geom.sid - geom.odd, geom.magnification,
+                                float(o.spectrum_kvp) if o.polychromatic else None)
+        return Sample(job["job_id"], image.float().cpu().numpy(), out_masks, boxes, meta, projection=projection)
 
     def _rays(self, geom: Geometry):
         patient_from_world = torch.from_numpy(np.linalg.inv(geom.patient_matrix()))

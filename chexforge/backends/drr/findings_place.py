@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ...contracts.jobs import laterality_column, severity_column
 from . import devices, findings_fracture, findings_lung, findings_mediastinum, findings_pleura
 from .findings import CTR_TARGET, Inserter, Insertion, PlacementError, Region
 
@@ -79,7 +80,7 @@ class JobScene:
 
 def sides(job: dict[str, Any], finding: str, rng: np.random.Generator, both: bool = True) -> tuple[str, ...]:
     """The requested laterality; a coin toss between left and right when none is given."""
-    lat = job.get(f"{finding}.laterality") or ("left" if rng.random() < 0.5 else "right")
+    lat = job.get(laterality_column(finding)) or ("left" if rng.random() < 0.5 else "right")
     if lat == "bilateral":
         if not both:
             raise PlacementError(f"{finding} is one-sided: laterality left or right, not bilateral")
@@ -97,7 +98,7 @@ def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator,
     for finding in ORDER:
         if not job.get(finding):
             continue
-        severity = job.get(f"{finding}.severity")
+        severity = job.get(severity_column(finding))
         if finding == "Cardiomegaly":
             lo, hi = CTR_TARGET[severity or "moderate"]
             target = float(rng.uniform(lo, hi))

@@ -56,10 +56,6 @@ def voxel_rays(vox_from_world: torch.Tensor, src: torch.Tensor, tgt: torch.Tenso
     return src_v, tgt_v, (tgt - src).norm(dim=-1)
 
 
-def dominant_axis(src_v: torch.Tensor, tgt_v: torch.Tensor) -> int:
-    return int((tgt_v - src_v).abs().mean(0).argmax())
-
-
 def joseph(slabs: Slabs, src_v: torch.Tensor, tgt_v: torch.Tensor, lengths: torch.Tensor,
            max_floats: int = 1 << 25) -> torch.Tensor:
     """Line integrals (C, N) of the volume along rays from `src_v` to each `tgt_v` (voxel space).

@@ -1,7 +1,8 @@
 """Realism statistics of rendered radiographs: heart and lung sizes against published normals,
 and lung-field shape statistics that can be computed identically on any frontal lung mask.
 
-Used by bench/drr_realism.py (the full table in docs/drr.md, "Realism") and by
+Used by the backend (the cardiothoracic ratio a Cardiomegaly insertion aims at is measured with
+`row_span`), by bench/drr_realism.py (the full table in docs/drr.md, "Realism") and by
 tests/test_drr_realism.py (a fast check that rendered normals stay inside the published ranges).
 
 Two kinds of lung mask:

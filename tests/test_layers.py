@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "chexforge"
 
 # Lowest first; packages on one floor do not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "atomic", "store"),
+    ("errors", "atomic", "store", "devices"),
     ("contracts",),
     ("recipe", "labels"),
     ("priors",),
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
 FLOOR = {pkg: i for i, floor in enumerate(LAYERS) for pkg in floor}
 # Within the lowest floor the three modules stand alone except these (crash-safe writes and
 # local stores both raise one-line errors; a store writes through `atomic`).
-FLOOR0 = {("atomic", "errors"), ("store", "errors"), ("store", "atomic")}
+FLOOR0 = {("atomic", "errors"), ("store", "errors"), ("store", "atomic"), ("devices", "errors")}
 
 
 def imported_packages(path: Path, root: Path = ROOT) -> set[str]:

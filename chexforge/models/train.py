@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import torch_device
 from ..errors import UserError
 from . import control_image
 from . import vae as vae_ops
@@ -161,7 +162,7 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
           on_step: Callable[[int, float], None] | None = None, on_cache: Callable[[int, int], None] | None = None) -> list[float]:
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch_device(cfg.device)
     pipe.to(device)
     size = pipe.transformer.config.sample_size * 8
     examples = read_examples(data, image_root)

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from ..devices import gpu_count
 from ..errors import UserError
 from ..export import manifest as mf
 from ..recipe.schema import Recipe
@@ -33,9 +34,7 @@ def parse_devices(spec: str) -> list[str]:
     """'auto' | 'cpu' | 'cpu:N' | '0,1,3' | 'cuda:0,cuda:1' → device names ('inprocess' for plain cpu)."""
     spec = (spec or "auto").strip()
     if spec == "auto":
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n = gpu_count()
         return [f"cuda:{i}" for i in range(n)] or ["inprocess"]
     if spec == "cpu":
         return ["inprocess"]
@@ -53,6 +52,11 @@ def parse_devices(spec: str) -> list[str]:
         if not part.isdigit():
             raise UserError(f"--devices takes auto, cpu, cpu:N or GPU numbers like 0,1,3; not {spec!r}")
         out.append(f"cuda:{part}")
+    missing = [d for d in out if int(d[5:]) >= gpu_count()]
+    if missing:
+        n = gpu_count()
+        raise UserError(f"--devices {spec}: {', '.join(missing)} is not on this machine ({n} GPU{'s' if n != 1 else ''} here); "
+                        "use --devices cpu or auto")
     return out
 
 

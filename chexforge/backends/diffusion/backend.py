@@ -16,15 +16,10 @@ import torch
 
 from ... import __version__
 from ...contracts.sample import Sample
+from ...devices import torch_device
 from ...errors import UserError
 from ...models.folder import model_kind
 from .options import DiffusionOptions
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class DiffusionBackend:
@@ -36,7 +31,7 @@ class DiffusionBackend:
         self.options = options
         self.size = size
         self.folder = Path(model)
-        self.device = pick_device(options.device)
+        self.device = torch_device(options.device)
         self.autocast = options.dtype == "bf16" or (options.dtype == "auto" and self.device.type == "cuda")
         self.kind = model_kind(self.folder)
         if self.kind == "chexforge":

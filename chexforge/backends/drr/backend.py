@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 
 from ... import __version__
 from ...contracts.sample import Projection, Sample
+from ...devices import torch_device
 from . import imaging
 from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, choose_level, ct_spacing, load_phantom
 from .findings import Inserter, Insertion, PlacementError, rays_hitting
@@ -44,18 +45,12 @@ class Scene:
     frontal_ctr: float | None = None
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class DRRBackend:
     name = "drr"
 
     def __init__(self, options: DRROptions, size: int = 256, **_: Any):
         self.options = options
-        self.device = pick_device(options.device)
+        self.device = torch_device(options.device)
         self.size = size
         self.library = Library(options.ct_library) if options.ct_library else None
         self._scenes = LRU(3 * options.ct_cache)  # per CT: the phantom, and a scene per beam axis

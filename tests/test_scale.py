@@ -53,12 +53,30 @@ def hashes_ok(out, df):
         assert atomic.sha256_file(out / r.image_dicom) == r.sha256_dicom
 
 
-def test_parse_devices():
+def test_parse_devices(monkeypatch):
+    from chexforge.runtime import pool
+
     assert parse_devices("cpu") == ["inprocess"]
     assert parse_devices("cpu:3") == ["cpu"] * 3
-    assert parse_devices("0,2") == ["cuda:0", "cuda:2"] and parse_devices("cuda:1") == ["cuda:1"]
     with pytest.raises(UserError, match="GPU numbers"):
         parse_devices("gpu0")
+    monkeypatch.setattr(pool, "gpu_count", lambda: 0)
+    with pytest.raises(UserError, match=r"--devices 0,1: cuda:0, cuda:1 is not on this machine \(0 GPUs here\)"):
+        parse_devices("0,1")
+    monkeypatch.setattr(pool, "gpu_count", lambda: 3)
+    assert parse_devices("0,2") == ["cuda:0", "cuda:2"] and parse_devices("cuda:1") == ["cuda:1"]
+    with pytest.raises(UserError, match="cuda:3 is not on this machine"):
+        parse_devices("1,3")
+
+
+def test_devices_flag_without_that_gpu_is_one_line_exit_2(tmp_path):
+    from chexforge.devices import gpu_count
+
+    if gpu_count():
+        pytest.skip("this machine has a GPU 0")
+    proc = cli("generate", str(sim(tmp_path)), "--out", str(tmp_path / "o"), "--no-progress", "--devices", "0")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cuda:0 is not on this machine" in proc.stderr
 
 
 def test_worker_processes_match_the_in_process_run(tmp_path):

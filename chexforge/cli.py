@@ -476,15 +476,6 @@ def train(
 LABELS_HELP = "Label file: CheXpert train.csv, MIMIC-CXR *-chexpert.csv, NIH Data_Entry_2017*.csv, PadChest CSV, a chexforge manifest, or xrv:chexpert / xrv:nih / xrv:padchest (shipped with torchxrayvision)."
 
 
-def _read_labels(labels: str, fmt: str | None, uncertain: str, metadata, patients, admissions, frontal_only: bool):
-    from .labels.readers import read_labels
-
-    df = read_labels(labels, fmt, uncertain, metadata, patients, admissions)
-    if frontal_only:
-        df = df[df["view"].isin(["PA", "AP"])].reset_index(drop=True)
-    return df
-
-
 def _print_audit(report: dict, after: dict | None = None, title: str = "audit", prefer: tuple[str, ...] = ()) -> None:
     from .balance.audit import group_label
 
@@ -531,20 +522,13 @@ def audit_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for audit.json and audit.png."),
 ) -> None:
     """Measure a real dataset's demographic imbalance: group sizes and finding prevalence per group."""
-    import json
+    from .balance import LabelSource, audit_labels
 
-    from . import atomic
-    from .balance.audit import audit
-    from .balance.chart import audit_chart
-    from .labels.groups import parse_age_bins
-
-    df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
-    report = audit(df, [v.strip() for v in by.split(",") if v.strip()], age_bins=parse_age_bins(age_bins))
-    _print_audit(report, title=f"{labels}: {len(df)} images")
-    if out is not None:
-        atomic.write_text(out / "audit.json", json.dumps(report, indent=1))
-        atomic.write_bytes(out / "audit.png", audit_chart(report, title=str(labels)))
-        out_console.print(f"wrote {out / 'audit.json'} and {out / 'audit.png'}")
+    source = LabelSource(labels, fmt, uncertain, frontal_only, metadata, patients, admissions)
+    result = audit_labels(source, by, age_bins, out)
+    _print_audit(result.report, title=f"{labels}: {result.images} images")
+    if result.files:
+        out_console.print(f"wrote {' and '.join(map(str, result.files))}")
 
 
 @app.command("balance")
@@ -578,67 +562,27 @@ def balance_cmd(
 
     Example: [bold]chexforge balance xrv:chexpert --by sex,age --target parity --out balance.yaml[/bold]
     """
-    import json
-
-    from . import atomic
-    from .balance.audit import audit
-    from .balance.chart import audit_chart
-    from .balance.topup import BalanceSpec, allocate, jobs_to_tidy, read_reference, topup_recipe
-    from .labels.groups import check_by, parse_age_bins
-    from .plan import plan as make_plan
-    from .recipe import load_recipe
-
-    by_vars = check_by([v.strip() for v in by.split(",") if v.strip()])
-    if target not in ("parity", "reference"):
-        raise UserError(f"--target takes parity or reference, not {target!r}")
-    bins = parse_age_bins(age_bins)
-    df = _read_labels(labels, fmt, uncertain, metadata, patients, admissions, frontal_only)
-    chosen = [f.strip() for f in findings.split(",")] if findings else None
-    if chosen:
-        from .contracts.vocabulary import ALIASES, FINDING_NAMES
-
-        chosen = [ALIASES.get(f, f) for f in chosen]
-        bad = [f for f in chosen if f not in FINDING_NAMES]
-        if bad:
-            raise UserError(f"--findings: unknown finding {bad[0]!r}")
-    spec = BalanceSpec(by=by_vars, target=target, per_finding=per_finding, findings=chosen, min_per_cell=min_per_cell,
-                       budget=budget, backend=backend, model=model.resolve() if model else None, size=size, seed=seed,
-                       age_bins=bins, name=_recipe_name(out))
-    if target == "reference":
-        if reference is None:
-            raise UserError("--target reference needs --reference FILE")
-        spec.reference = read_reference(reference, by_vars, bins)
-    alloc = allocate(df, spec)
-    text, _ = topup_recipe(df, alloc, spec, str(labels))
-    atomic.write_text(out, text)
-    before = audit(df, by_vars, chosen, bins)
-    synthetic = jobs_to_tidy(make_plan(load_recipe(out))) if int(alloc["add"].sum()) else df.iloc[0:0]
-    import pandas as pd
-
-    after = audit(pd.concat([df, synthetic], ignore_index=True), by_vars, before["findings"], bins)
+    from .balance import LabelSource, balance_labels
     from .contracts.backends import backend_info
 
-    _print_audit(before, after, title=f"{labels}: {len(df)} real images + {len(synthetic)} synthetic (before → after)",
+    source = LabelSource(labels, fmt, uncertain, frontal_only, metadata, patients, admissions)
+    r = balance_labels(source, out, by=by, target=target, reference=reference, per_finding=per_finding,
+                       findings=findings, min_per_cell=min_per_cell, budget=budget, age_bins=age_bins,
+                       backend=backend, model=model, size=size, seed=seed, report=report)
+    _print_audit(r.before, r.after, title=f"{labels}: {r.real} real images + {r.synthetic} synthetic (before → after)",
                  prefer=backend_info(backend).findings)
-    for note in spec.notes:
+    for note in r.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    folder = report or out.parent / (out.stem + "_report")
-    atomic.write_text(folder / "audit_before.json", json.dumps(before, indent=1))
-    atomic.write_text(folder / "audit_after.json", json.dumps(after, indent=1))
-    atomic.write_bytes(folder / "audit.png", audit_chart(before, after, title=f"{labels}: balanced by {by}"))
-    out_console.print(f"wrote {out} ({int(alloc['add'].sum())} images in {int((alloc['add'] > 0).sum())} cohorts) "
-                      f"and {folder}/audit.png; run it with: chexforge generate {out} --out OUT")
+    out_console.print(f"wrote {out} ({r.added} images in {r.cohorts} cohorts) "
+                      f"and {r.report_dir}/audit.png; run it with: chexforge generate {out} --out OUT")
     if generate_out is not None:
+        from .plan import plan as make_plan
+        from .recipe import load_recipe
         from .runtime import RunOptions, run
 
-        summary = run(make_plan(load_recipe(out)), load_recipe(out), str(generate_out), RunOptions())
+        recipe = load_recipe(out)
+        summary = run(make_plan(recipe), recipe, str(generate_out), RunOptions())
         out_console.print(f"generated {summary.generated} images into {generate_out}")
-
-
-def _recipe_name(path: Path) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "balance"
 
 
 # ---- backends ---------------------------------------------------------------------------------

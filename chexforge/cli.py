@@ -206,38 +206,21 @@ def status(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
     """Progress of a running or stopped run: done, failed, rate, ETA, and the last errors."""
     import time
 
-    from .export import manifest as mf
-    from .runtime.progress import alive, read_run
-    from .store import open_store
+    from .runtime.status import run_status
 
-    store = open_store(out)
-    info = read_run(store)
-    if info is None and not store.exists(mf.MANIFEST):
-        raise UserError("no run here: not a chexforge output folder", out)
-    table = mf.read_manifest(store, mf.STATUS_COLUMNS)
-    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok")
-    failed = table.num_rows - ok
+    st = run_status(out)
     t = Table(show_header=False, title=str(out))
-    if info:
-        state = info["state"]
-        if state == "running" and not alive(info):
-            state = "stopped (the process is gone; run the same command to resume)"
-        planned = info["planned"]
-        t.add_row("state", state)
-        t.add_row("engine / devices", f"{info['engine']} / {', '.join(info['devices'])}")
-        t.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])))
-        t.add_row("rate (this run)", f"{info['rate']:.2f} images/s")
-        left = max(0, planned - ok - failed)
-        if info["state"] == "running" and info["rate"] > 0 and left:
-            t.add_row("ETA", f"{_duration(left / info['rate'])} ({left} left)")
-    else:
-        planned = table.num_rows
-        t.add_row("state", "finished (no heartbeat kept)")
-    t.add_row("done", f"{ok} of {planned}" + (f" ({100 * ok / planned:.1f} %)" if planned else ""))
-    t.add_row("failed", str(failed))
+    t.add_row("state", st.state)
+    if st.engine is not None:
+        t.add_row("engine / devices", f"{st.engine} / {', '.join(st.devices)}")
+        t.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.started)))
+        t.add_row("rate (this run)", f"{st.rate:.2f} images/s")
+    if st.eta_seconds is not None:
+        t.add_row("ETA", f"{_duration(st.eta_seconds)} ({st.left} left)")
+    t.add_row("done", f"{st.ok} of {st.planned}" + (f" ({100 * st.ok / st.planned:.1f} %)" if st.planned else ""))
+    t.add_row("failed", str(st.failed))
     out_console.print(t)
-    errors = [r for r in table.select(["job_id", "status", "error"]).to_pylist() if r["status"] != "ok"][:5]
-    for r in errors:
+    for r in st.errors:
         err.print(f"failed {r['job_id']}: {r['error']}", highlight=False)
 
 
@@ -264,36 +247,16 @@ def inspect(
     n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
 ) -> None:
-    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on.
-    """
-    from . import atomic
-    from .export import manifest as mf
-    from .export.contact_sheet import contact_sheet
-    from .plan.summary import label_counts
-    from .store import open_store
+    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on."""
+    from .evaluate.inspect import inspect_dataset
 
-    store = open_store(out)
-    if not store.exists(mf.MANIFEST) and not mf.part_names(store):
-        raise UserError("no manifest.parquet here: not a chexforge output folder (or nothing generated yet)", out)
-    table = mf.read_manifest(store)
-    import pyarrow.compute as pc
-
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
-    counts = label_counts(ok)
-    findings = sorted({f for c in counts.values() for f in c}, key=lambda f: (f == "No Finding", f))
-    t = Table("cohort", "images", *findings, title=f"{out}: {ok.num_rows} images, {table.num_rows - ok.num_rows} failed")
-    sizes = ok.group_by("cohort").aggregate([("job_id", "count")]).to_pylist()
-    total = {s["cohort"]: s["job_id_count"] for s in sizes}
-    for cohort, c in counts.items():
-        t.add_row(cohort, str(total.get(cohort, 0)), *[str(c.get(f, 0)) for f in findings])
+    r = inspect_dataset(out, sheet, n, overlays)
+    t = Table("cohort", "images", *r.findings, title=f"{out}: {r.ok} images, {r.failed} failed")
+    for c in r.cohorts:
+        t.add_row(c["cohort"], str(c["images"]), *[str(c["counts"].get(f, 0)) for f in r.findings])
     out_console.print(t)
-    if ok.num_rows:
-        png = contact_sheet(store, table, n=n, overlays=overlays)
-        if sheet is not None:
-            atomic.write_bytes(sheet, png)
-        else:
-            store.write_bytes("contact_sheet.png", png)
-        out_console.print(f"contact sheet: {sheet or f'{store.root}/contact_sheet.png'}")
+    if r.sheet is not None:
+        out_console.print(f"contact sheet: {r.sheet}")
 
 
 # ---- report -----------------------------------------------------------------------------------

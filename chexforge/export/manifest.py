@@ -15,38 +15,10 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..contracts.jobs import BOXES, decode_job_ids, job_schema, table_bytes, with_recipe
+from ..contracts.jobs import decode_job_ids, table_bytes, with_recipe
+from ..contracts.manifest import MANIFEST, PARTS, STATUS_COLUMNS, manifest_schema  # noqa: F401 (this module's API too)
 from ..errors import UserError
 from ..store import Store, as_store
-
-MANIFEST = "manifest.parquet"
-PARTS = ".parts"
-
-FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
-STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
-
-
-def manifest_schema() -> pa.Schema:
-    extra = [
-        pa.field("status", pa.string()),  # ok | failed
-        pa.field("error", pa.string()),
-        pa.field("image_png", pa.string()),
-        pa.field("sha256_png", pa.string()),
-        pa.field("image_dicom", pa.string()),
-        pa.field("sha256_dicom", pa.string()),
-        pa.field("masks", pa.list_(FILE)),
-        pa.field("realised_boxes", BOXES),
-        pa.field("backend", pa.string()),
-        pa.field("backend_version", pa.string()),
-        pa.field("model", pa.string()),
-        pa.field("model_hash", pa.string()),
-        pa.field("sampler", pa.string()),  # JSON
-        pa.field("meta", pa.string()),  # JSON, backend facts about this image
-        pa.field("attempts", pa.int16()),
-        pa.field("seconds_generate", pa.float32()),
-        pa.field("seconds_export", pa.float32()),
-    ]
-    return pa.schema(list(job_schema()) + extra)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:

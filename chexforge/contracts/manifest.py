@@ -1,0 +1,39 @@
+"""The manifest row (out/manifest.parquet, DESIGN.md "Manifest"): every job column, plus what
+was written (paths relative to out/, SHA-256 of each file), the boxes and masks actually realised,
+the backend identity, attempts and timings. Reading and writing it is export/manifest.py's work.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .jobs import BOXES, job_schema
+
+MANIFEST = "manifest.parquet"
+PARTS = ".parts"
+
+FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
+STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
+
+
+def manifest_schema() -> pa.Schema:
+    extra = [
+        pa.field("status", pa.string()),  # ok | failed
+        pa.field("error", pa.string()),
+        pa.field("image_png", pa.string()),
+        pa.field("sha256_png", pa.string()),
+        pa.field("image_dicom", pa.string()),
+        pa.field("sha256_dicom", pa.string()),
+        pa.field("masks", pa.list_(FILE)),
+        pa.field("realised_boxes", BOXES),
+        pa.field("backend", pa.string()),
+        pa.field("backend_version", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("model_hash", pa.string()),
+        pa.field("sampler", pa.string()),  # JSON
+        pa.field("meta", pa.string()),  # JSON, backend facts about this image
+        pa.field("attempts", pa.int16()),
+        pa.field("seconds_generate", pa.float32()),
+        pa.field("seconds_export", pa.float32()),
+    ]
+    return pa.schema(list(job_schema()) + extra)

@@ -557,9 +557,10 @@ def backends() -> None:
     """
     from .contracts.backends import BACKENDS
 
-    t = Table("backend", "what it is", "findings", "views", "masks", "layouts")
+    t = Table("backend", "what it is", "findings", "views", "ages", "masks", "layouts")
     for b in BACKENDS.values():
-        t.add_row(b.name, b.summary, ", ".join(b.findings), ", ".join(b.views), ", ".join(b.anatomy), ", ".join(b.layouts))
+        t.add_row(b.name, b.summary, ", ".join(b.findings), ", ".join(b.views), "{}-{}".format(*b.ages),
+                  ", ".join(b.anatomy), ", ".join(b.layouts))
     out_console.print(t)
 
 

@@ -236,6 +236,28 @@ def test_balance_cli_on_a_chexpert_file_and_generate(tmp_path):
     assert gen.returncode == 0, gen.stderr
 
 
+def test_balance_leaves_out_ages_the_backend_cannot_make(tmp_path):
+    from chexforge.balance import LabelSource, balance_labels
+
+    rows = ["Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,"
+            "Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices"]
+    ages = [8] * 10 + [30] * 40 + [70] * 20  # children, young adults, elderly
+    rows += [f"p{i}.jpg,Female,{a},Frontal,PA,1.0,,,,,,,,,,,,," for i, a in enumerate(ages)]
+    labels = tmp_path / "train.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    r = balance_labels(LabelSource(str(labels)), tmp_path / "b.yaml", by="age", age_bins="0,18,40,60")
+    # Parity is 40 per bin: 30 more children (0-17) and 20 more aged 60+; the drr backend's
+    # patients are adult CTs, so only the 20 are planned, and the note says what was left out.
+    assert r.added == 20 and r.cohorts == 1
+    assert any("30 images for ages 0-17 are left out" in n for n in r.notes), r.notes
+    recipe = parse_recipe((tmp_path / "b.yaml").read_text())
+    assert [c.demographics.age.bounds() for c in recipe.cohorts] == [(60, 95)]
+    # Without an age group, the cohort's ages are kept inside the backend's range too.
+    r = balance_labels(LabelSource(str(labels)), tmp_path / "s.yaml", by="sex", min_per_cell=100)
+    (cohort,) = parse_recipe((tmp_path / "s.yaml").read_text()).cohorts
+    assert cohort.demographics.age.bounds() == (18, 70)
+
+
 # ---- priors ---------------------------------------------------------------------------------------
 
 

@@ -95,6 +95,8 @@ BAD = [
      r"'No Finding' contradicts Effusion"),
     ("prompt field", GOOD.replace("    view:", "    prompt: '{age} {colour}'\n    view:"), r"unknown prompt field \{colour\}"),
     ("not a mapping", "- just\n- a list\n", r":1:1: expected a YAML mapping"),
+    ("children for an adult-CT backend", GOOD.replace("age: {mean: 60, sd: 10, min: 30, max: 90}", "age: [5, 40]"),
+     r":9:\d+: cohorts\[0\].demographics.age: the drr backend makes patients aged 18-120 years; this cohort's ages reach 5"),
 ]
 
 

@@ -106,9 +106,9 @@ def balance_labels(source: LabelSource | str, out: Path | str = "balance.yaml", 
             raise UserError("--target reference needs --reference FILE")
         spec.reference = read_reference(reference, by_vars, bins)
     alloc = allocate(df, spec)
-    text, _ = topup_recipe(df, alloc, spec, str(source.labels))
+    text, recipe = topup_recipe(df, alloc, spec, str(source.labels))
     atomic.write_text(out, text)
-    added = int(alloc["add"].sum())
+    added = sum(c["count"] for c in recipe["cohorts"])
     before = audit(df, by_vars, chosen, bins)
     synthetic = jobs_to_tidy(plan(load_recipe(out))) if added else df.iloc[0:0]
     after = audit(pd.concat([df, synthetic], ignore_index=True), by_vars, before["findings"], bins)
@@ -117,8 +117,7 @@ def balance_labels(source: LabelSource | str, out: Path | str = "balance.yaml", 
     atomic.write_text(folder / "audit_after.json", json.dumps(after, indent=1))
     by_text = ",".join(by_vars)
     atomic.write_bytes(folder / "audit.png", audit_chart(before, after, title=f"{source.labels}: balanced by {by_text}"))
-    return BalanceResult(out, added, int((alloc["add"] > 0).sum()), len(df), len(synthetic), before, after, folder,
-                         spec.notes)
+    return BalanceResult(out, added, len(recipe["cohorts"]), len(df), len(synthetic), before, after, folder, spec.notes)
 
 
 def _by(by: list[str] | tuple[str, ...] | str) -> list[str]:

@@ -162,20 +162,28 @@ def topup_recipe(df: pd.DataFrame, alloc: pd.DataFrame, spec: BalanceSpec, sourc
     elif skipped:
         spec.notes.append(f"synthetic images carry the real prevalence of {', '.join(renderable) or 'no finding'}; "
                           f"the {spec.backend} backend cannot render {', '.join(skipped)}")
-    cohorts = []
+    cohorts, too_young = [], {}
     for row in alloc[alloc["add"] > 0].to_dict("records"):
         group = {v: str(row[v]) for v in spec.by}
         name = _slug("_".join([*group.values()] + ([row["finding"]] if row["finding"] else [])))
         members = real
         for v, value in group.items():
             members = members[members[v].astype(str) == value]
+        demographics = _demographics(group, real, info.ages)
+        if demographics is None:  # the whole age group is outside what the backend makes
+            too_young[group["age"]] = too_young.get(group["age"], 0) + int(row["add"])
+            continue
         cohort: dict = {"name": name, "count": int(row["add"]), "view": _views(group, real, members, info.views),
-                        "demographics": _demographics(group, real, spec.age_bins)}
+                        "demographics": demographics}
         if row["finding"]:
             cohort["findings"] = {row["finding"]: 1.0}
         elif renderable:
             cohort["findings"] = {f: round(float(real[f].mean()), 4) for f in renderable if real[f].mean() > 0}
         cohorts.append(cohort)
+    if too_young:
+        spec.notes.append(f"the {spec.backend} backend makes patients aged {info.ages[0]}-{info.ages[1]}: "
+                          + ", ".join(f"{n} images for ages {g}" for g, n in too_young.items()) + " are left out")
+        alloc = alloc[~alloc["age"].astype(str).isin(list(too_young))] if "age" in alloc else alloc
     if not cohorts:
         spec.notes.append("the data already meets the target: nothing to add")
     recipe = {"name": spec.name, "description": f"Top-up for {source}: balanced by {', '.join(spec.by)} "
@@ -217,18 +225,24 @@ def _bin_range(label: str) -> list[int]:
     return [int(lo), int(hi)]
 
 
-def _demographics(group: dict, real: pd.DataFrame, age_bins) -> dict:
+def _demographics(group: dict, real: pd.DataFrame, ages: tuple[int, int]) -> dict | None:
+    """The cohort's demographics, its ages kept inside what the backend makes (`ages`); None when
+    the group's age bin lies wholly outside."""
     d: dict = {}
     if "sex" in group:
         d["sex"] = group["sex"]
     else:
         d["sex"] = _dist(real["sex"])
     if "age" in group:
-        d["age"] = {"range": _bin_range(group["age"])}
+        lo, hi = _bin_range(group["age"])
+        if hi < ages[0] or lo > ages[1]:
+            return None
+        d["age"] = {"range": [max(lo, ages[0]), min(hi, ages[1])]}
     else:
         years = real["age_years"].dropna()
+        lo, hi = int(max(ages[0], years.min())), int(min(ages[1], years.max()))
         d["age"] = {"mean": round(float(years.mean()), 1), "sd": round(max(float(years.std()), 1.0), 1),
-                    "min": int(max(0, years.min())), "max": int(min(120, years.max()))}
+                    "min": lo, "max": max(lo, hi)}
     if "race" in group:
         d["race"] = group["race"]
     elif real["race"].notna().any():

@@ -33,6 +33,7 @@ class BackendInfo:
     default_layout: str = "none"  # layout source a cohort gets when it names none
     seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
     mask_layouts: tuple[str, ...] | None = None  # layouts under which anatomy masks can be drawn (None: any)
+    ages: tuple[int, int] = (0, 120)  # the patients' ages (years) it can make faithfully
 
     def options_class(self) -> type[BaseModel]:
         module, cls = self.options_model.split(":")
@@ -65,6 +66,7 @@ BACKENDS: dict[str, BackendInfo] = {
         options_model="chexforge.backends.drr.options:DRROptions",
         factory="chexforge.backends.drr.backend:DRRBackend",
         seconds_per_image={"cpu": 0.6},
+        ages=(18, 120),  # its patients are adult chest CTs: a child's chest is not a scaled adult's
         default_anatomy=("lungs", "heart"),
         default_layout="physics",
     ),

@@ -116,6 +116,18 @@ class Age(Strict):
         return self
 
 
+    def bounds(self) -> tuple[int, int]:
+        """The youngest and the oldest age this spec can draw."""
+        if self.fixed is not None:
+            return self.fixed, self.fixed
+        if self.range is not None:
+            return self.range
+        if self.bins is not None:
+            edges = [parse_age_bin(k) for k in self.bins]
+            return min(lo for lo, _ in edges), max(hi for _, hi in edges)
+        return self.min, self.max
+
+
 def parse_age_bin(key: str) -> tuple[int, int]:
     """`"40-64"` → (40, 64); `"80+"` → (80, 100)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)|\+)\s*", str(key))
@@ -382,6 +394,11 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             elif info.mask_layouts is not None and source not in info.mask_layouts:
                 problems.append((("cohorts", i, "masks"), f"the {recipe.backend} backend draws anatomy masks only with "
                                  f"layout: {' or '.join(info.mask_layouts)}"))
+        lo, hi = cohort.demographics.age.bounds()
+        if lo < info.ages[0] or hi > info.ages[1]:
+            problems.append((("cohorts", i, "demographics", "age"),
+                             f"the {recipe.backend} backend makes patients aged {info.ages[0]}-{info.ages[1]} "
+                             f"years; this cohort's ages reach {lo if lo < info.ages[0] else hi}"))
         for view in cohort.view:
             if view not in info.views:
                 problems.append((("cohorts", i, "view"),

@@ -163,3 +163,59 @@ def test_quickstart_plan_matches_its_cohorts():
     assert t.num_rows == 16
     eff = t.filter(pc.equal(t.column("cohort"), "effusion"))
     assert pc.all(pc.equal(eff.column("Effusion"), 1)).as_py()
+
+
+# ---- composition: one streaming tally behind the plan table, inspect, the card and the report ---------
+
+
+def test_composition_does_not_depend_on_the_batch_size():
+    from chexforge.plan.summary import Composition
+
+    t = plan(recipe(500))
+    whole = Composition.of(t)
+    assert Composition.of(t.to_batches(max_chunksize=7)) == whole == Composition.of(t.to_batches(max_chunksize=1))
+    assert list(whole.cohorts) == ["mix"] and whole.cohorts["mix"].n == 500
+
+
+def test_cohort_summary_and_label_counts_match_the_rows():
+    from chexforge.plan.summary import cohort_summary, label_counts
+
+    t = plan(recipe(401))
+    df = t.to_pandas()
+    [s] = cohort_summary(t)
+    assert s["count"] == 401 and s["female"] == round((df.sex == "F").mean(), 3)
+    assert list(s["views"]) == list(df.view.value_counts().index)  # most common first
+    assert s["age"] == (int(df.age.median()), df.age.min(), df.age.max())  # odd count: the middle age
+    assert s["findings"] == {f: round(df[f].mean(), 3) for f in ("Cardiomegaly", "Effusion", "Nodule")}
+    assert label_counts(t) == {"mix": {f: int(df[f].sum()) for f in ("No Finding", "Cardiomegaly", "Effusion", "Nodule")}}
+
+
+def test_median_of_an_even_count_is_the_lower_middle_age():
+    """The card's rule, now the plan table's too: an age some image has (32, 46, 60, 74 gives 46, not 53)."""
+    import pyarrow as pa
+
+    from chexforge.plan.summary import Composition
+
+    def ages(values):
+        return Composition.of(pa.table({"cohort": ["c"] * len(values), "sex": ["F"] * len(values),
+                                        "view": ["PA"] * len(values), "age": pa.array(values, pa.int16())}))
+
+    assert ages([74, 32, 60, 46]).cohorts["c"].age_median_range() == (46, 32, 74)
+    assert ages([70, 70]).cohorts["c"].age_median_range() == (70, 70, 70)
+    assert ages([5, None, 1, 3]).cohorts["c"].age_median_range() == (3, 1, 5)  # rows without an age left out
+    assert ages([None]).cohorts["c"].age_median_range() is None
+
+
+def test_a_manifest_counts_ok_rows_and_tallies_the_failed():
+    import pyarrow as pa
+
+    from chexforge.plan.summary import Composition, label_counts
+
+    t = pa.table({"cohort": ["a", "b", "a", "b", "c"], "status": ["ok", "ok", "failed", "failed", "failed"],
+                  "sex": ["F", "M", "M", "F", "F"], "view": ["PA", "AP", "AP", "AP", "PA"],
+                  "age": pa.array([40, 50, 60, 70, 80], pa.int16()), "Nodule": pa.array([1, 0, 1, 1, 1], pa.int8())})
+    comp = Composition.of(t)
+    assert [(k, c.n, c.failed) for k, c in comp.cohorts.items()] == [("a", 1, 1), ("b", 1, 1), ("c", 0, 1)]
+    assert comp.cohorts["a"].view == {"PA": 1} and comp.cohorts["a"].findings["Nodule"] == 1
+    assert [k for k, _ in comp.counted()] == ["a", "b"]
+    assert label_counts(t) == {"a": {"Nodule": 1}, "b": {}}  # b's ok row has no finding column set

@@ -3,68 +3,47 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import __version__
 from ..contracts.vocabulary import FINDING_NAMES
+from ..plan.summary import Composition, record_batches
 from ..store import Store
 
-CARD_COLUMNS = ["job_id", "cohort", "status", "error", "sex", "age", "view", "backend", "model", "model_hash",
-                "sampler", *FINDING_NAMES]
+MAX_FAILED = 20  # failed jobs listed by name; the manifest has them all
+IDENTITY = ("backend", "model", "model_hash", "sampler")
 
 
-class _Stats:
-    """Per-cohort counts, accumulated batch by batch (no table of all rows is ever held)."""
-
-    def __init__(self) -> None:
-        self.cohorts: dict[str, dict] = {}
-        self.failed: list[tuple[str, str]] = []
-        self.n_failed = 0
-        self.identity: dict | None = None
-
-    def add(self, df: pd.DataFrame) -> None:
-        ok = df[df["status"] == "ok"]
-        bad = df[df["status"] != "ok"]
-        self.n_failed += len(bad)
-        self.failed += [(r.job_id, r.error) for r in bad.head(20 - len(self.failed)).itertuples()] if len(self.failed) < 20 else []
-        if self.identity is None and len(ok):
-            self.identity = {c: str(ok[c].iloc[0]) for c in ("backend", "model", "model_hash", "sampler")}
-        for cohort, g in ok.groupby("cohort", sort=False):
-            c = self.cohorts.setdefault(cohort, {"n": 0, "F": 0, "M": 0, "ages": np.zeros(122, np.int64),
-                                                 "views": {}, "findings": dict.fromkeys(FINDING_NAMES, 0)})
-            c["n"] += len(g)
-            c["F"] += int((g["sex"] == "F").sum())
-            c["M"] += int((g["sex"] == "M").sum())
-            c["ages"] += np.bincount(g["age"].fillna(121).clip(0, 121).astype(int), minlength=122)
-            for view, k in g["view"].value_counts().items():
-                c["views"][view] = c["views"].get(view, 0) + int(k)
-            for f in FINDING_NAMES:
-                c["findings"][f] += int(g[f].sum())
+def _read(manifest: pa.Table | Iterable[pa.RecordBatch]) -> tuple[Composition, list[tuple[str, str]], dict]:
+    """One pass over the manifest, batch by batch (no table of all rows is ever held): the
+    composition, the first failed jobs with their errors, and the generator of the first ok image."""
+    comp, failed, identity = Composition(), [], {}
+    for batch in record_batches(manifest):
+        comp.add(batch)
+        ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        if len(failed) < MAX_FAILED:
+            bad = batch.filter(pc.invert(ok)).slice(0, MAX_FAILED - len(failed))
+            failed += zip(bad.column("job_id").to_pylist(), bad.column("error").to_pylist())
+        if not identity:
+            first = batch.filter(ok).slice(0, 1).select(list(IDENTITY)).to_pylist()
+            identity = {k: str(v) for k, v in first[0].items()} if first else {}
+    return comp, failed, identity
 
 
-def _age_summary(hist: np.ndarray) -> str:
-    known = hist[:121]
-    if known.sum() == 0:
-        return "-"
-    cum = np.cumsum(known)
-    median = int(np.searchsorted(cum, (cum[-1] + 1) // 2))
-    ages = np.flatnonzero(known)
-    return f"{median} ({ages.min()}-{ages.max()})"
+def _age_text(ages: tuple[int, int, int] | None) -> str:
+    return "-" if ages is None else "{} ({}-{})".format(*ages)
 
 
 def build_card(manifest, recipe: dict) -> str:
     """`manifest`: a table or record batches of it (the card reads only the columns it needs)."""
-    stats = _Stats()
-    batches = manifest.to_batches(max_chunksize=8192) if isinstance(manifest, pa.Table) else manifest
-    for batch in batches:
-        cols = [c for c in CARD_COLUMNS if c in batch.schema.names]
-        stats.add(batch.select(cols).to_pandas())
-    n_ok = sum(c["n"] for c in stats.cohorts.values())
-    ident = stats.identity or {}
-    present = [f for f in FINDING_NAMES if any(c["findings"][f] for c in stats.cohorts.values())]
+    comp, failed, ident = _read(manifest)
+    cohorts = dict(comp.counted())
+    n_ok = sum(t.n for t in cohorts.values())
+    n_failed = sum(t.failed for t in comp.cohorts.values())
+    present = [f for f in FINDING_NAMES if any(t.findings[f] for t in cohorts.values())]
     lines = [
         f"# {recipe.get('name', 'chexforge dataset')}",
         "",
@@ -75,7 +54,7 @@ def build_card(manifest, recipe: dict) -> str:
         "",
         "## Contents",
         "",
-        f"- {n_ok} images ({stats.n_failed} jobs failed and are listed in the manifest with their error)",
+        f"- {n_ok} images ({n_failed} jobs failed and are listed in the manifest with their error)",
         f"- backend: `{ident.get('backend', '-')}`, model `{ident.get('model', '-')}` (hash `{ident.get('model_hash', '-')}`)",
         f"- sampler settings: `{ident.get('sampler', '-')}`",
         f"- recipe seed: {recipe.get('seed')}; each job's own seed is in the `seed` column",
@@ -87,12 +66,12 @@ def build_card(manifest, recipe: dict) -> str:
         "| cohort | images | " + " | ".join(present) + " |",
         "|---|---|" + "---|" * len(present),
     ]
-    for cohort, c in stats.cohorts.items():
-        lines.append(f"| {cohort} | {c['n']} | " + " | ".join(str(c["findings"][f]) for f in present) + " |")
+    for cohort, t in cohorts.items():
+        lines.append(f"| {cohort} | {t.n} | " + " | ".join(str(t.findings[f]) for f in present) + " |")
     lines += ["", "### Demographics", "", "| cohort | female | male | age (median, range) | views |", "|---|---|---|---|---|"]
-    for cohort, c in stats.cohorts.items():
-        views = ", ".join(f"{k} {v}" for k, v in sorted(c["views"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| {cohort} | {c['F']} | {c['M']} | {_age_summary(c['ages'])} | {views} |")
+    for cohort, t in cohorts.items():
+        views = ", ".join(f"{k} {v}" for k, v in t.views_by_count())
+        lines.append(f"| {cohort} | {t.sex.get('F', 0)} | {t.sex.get('M', 0)} | {_age_text(t.age_median_range())} | {views} |")
     lines += [
         "## Layout",
         "",
@@ -125,9 +104,9 @@ def build_card(manifest, recipe: dict) -> str:
         "(run it from this folder, or prefix the paths with it).",
         "",
     ]
-    if stats.failed:
+    if failed:
         lines += ["## Failed jobs", "", "| job_id | error |", "|---|---|"]
-        lines += [f"| {job} | {error} |" for job, error in stats.failed]
+        lines += [f"| {job} | {error} |" for job, error in failed]
         lines.append("")
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=1), "```", ""]
     return "\n".join(lines)

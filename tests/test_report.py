@@ -19,6 +19,7 @@ from PIL import Image
 from chexforge.errors import UserError
 from chexforge.evaluate.report import build_report, render_metrics
 from chexforge.evaluate.report_charts import composition, requested_age_pmf
+from chexforge.plan.summary import Composition
 from chexforge.recipe import parse_recipe
 
 from .conftest import write
@@ -136,14 +137,13 @@ def test_report_files_links_and_counts(dataset, tmp_path):
 
 def test_composition_is_requested_against_realised(dataset):
     recipe = parse_recipe((dataset / "recipe.yaml").read_text())
-    df = pq.read_table(dataset / "manifest.parquet").to_pandas()
-    ok = df[(df.status == "ok") & (df.cohort == "effusion")]
-    comp = composition(recipe.cohorts[1], ok)
+    realised = Composition.of(pq.read_table(dataset / "manifest.parquet")).cohorts
+    comp = composition(recipe.cohorts[1], realised["effusion"])
     assert ("Effusion", 1.0, 1.0) in comp["findings"]
     assert comp["sex"] == [("M", 1.0, 1.0)]
     assert comp["age"] == [("70-79", 1.0, 1.0)]
     assert comp["view"] == [("AP", 1.0, 1.0)]
-    lesions = composition(recipe.cohorts[0], df[(df.status == "ok") & (df.cohort == "lesions")])
+    lesions = composition(recipe.cohorts[0], realised["lesions"])
     want = {k: w for k, w, _ in lesions["findings"]}
     # Support Devices at p=1 leaves no chance of No Finding: neither side has it, so no row
     assert want["Nodule"] == pytest.approx(0.6) and want["Support Devices"] == 1.0 and "No Finding" not in want
@@ -236,3 +236,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, dataset):
         build_report(dataset, dataset / "images" / "x")
     with pytest.raises(UserError, match="no such metrics file"):
         build_report(dataset, tmp_path / "r", metrics=tmp_path / "missing.json")
+
+
+def test_gather_then_render(dataset, tmp_path):
+    """gather reads the folder into plain data and writes nothing; render makes the page and its
+    PNGs from that data alone; the realised numbers are the manifest tally the card prints."""
+    from chexforge.evaluate.report import gather, render
+    from chexforge.plan.summary import label_counts
+
+    dest = tmp_path / "rep"
+    data = gather(dataset, dest, 2, dest / "metrics.json")
+    assert not dest.exists()
+    assert (data.n_jobs, data.n_ok, data.n_failed) == (8, 6, 2)
+    assert [c.name for c in data.cohorts] == ["lesions", "effusion"]
+    assert [len(c.shown) for c in data.cohorts] == [2, 2] and not data.has_metrics
+    counts = label_counts(pq.read_table(dataset / "manifest.parquet"))
+    for c in data.cohorts:
+        realised = {cat: round(got * c.tally.n) for cat, _, got in c.composition["findings"] if got}
+        assert realised == counts[c.name]
+    page, files = render(data, tile_px=64)
+    assert sorted(files) == ["composition_00_lesions.png", "composition_01_effusion.png",
+                             "contact_00_lesions.png", "contact_01_effusion.png"]
+    assert 'id="n-ok">6<' in page and not dest.exists()
+    assert render(data, tile_px=64) == (page, files)  # the same data, the same bytes
+
+
+def test_a_requested_cohort_with_no_rows_shows_the_request_only(dataset):
+    from chexforge.plan.summary import CohortTally
+
+    recipe = parse_recipe((dataset / "recipe.yaml").read_text())
+    comp = composition(recipe.cohorts[1], CohortTally())
+    assert comp["sex"] == [("M", 1.0, 0.0)] and comp["view"] == [("AP", 1.0, 0.0)]

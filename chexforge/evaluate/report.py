@@ -16,21 +16,28 @@ import html
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import __version__, atomic
 from ..contracts.jobs import laterality_column, severity_column
-from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
+from ..contracts.vocabulary import NO_FINDING
 from ..errors import UserError
 from ..export import manifest as mf
+from ..export.contact_sheet import draw_sheet, row_findings
+from ..plan.summary import CohortTally, Composition, ok_mask
+from ..recipe.schema import Cohort, Recipe
 from ..store import Store, open_store
 from . import report_charts as charts
 
 REPORT_DIR = "report"
+IDENTITY = ("backend", "backend_version", "model", "model_hash", "sampler")
+LINKED = (("manifest.parquet", "manifest"), ("README.md", "dataset card"), ("recipe.yaml", "recipe"),
+          ("coco.json", "COCO boxes"))
 METRICS = "metrics.json"
 NEAREST_PAIRS = "nearest_pairs.png"
 MAX_FAILURES = 200
@@ -191,24 +198,59 @@ def load_metrics(path: Path) -> Any:
         raise UserError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}", path) from None
 
 
-# ---- the page -----------------------------------------------------------------------------------
+# ---- gather: the dataset, recipe and metrics as the plain data the page shows -----------------
+
+
+@dataclass
+class CohortPage:
+    index: int
+    name: str
+    spec: Cohort | None  # what the recipe asks of this cohort; None when it does not name it
+    tally: CohortTally  # what was realised (ok rows) and how many jobs failed
+    composition: dict[str, list[tuple[str, float | None, float]]]  # charts.composition of the two
+    shown: list[dict]  # the first `per_cohort` ok manifest rows, the contact sheet's tiles
+    hrefs: list[str | None]  # each shown image, relative to the report folder (None: not local)
+
+
+@dataclass
+class ReportData:
+    name: str
+    description: str
+    recipe: Recipe | None  # None when recipe.yaml is missing or unreadable
+    store: Store  # where the tiles' pixels are read
+    n_jobs: int
+    cohorts: list[CohortPage]
+    failures: list[dict]  # the first MAX_FAILURES failed rows: job_id, cohort, index, error
+    identity: list[tuple[str, str]]
+    links: list[tuple[str, str, str]]  # (href, what, file name) of the dataset's own files
+    metrics_path: Path
+    has_metrics: bool  # whether there is a metrics file (`metrics` may be JSON's null)
+    metrics: Any  # the parsed metrics file
+    pairs: bytes | None  # the nearest-pairs PNG beside the metrics, if any
+    pairs_in_place: bool  # it already is the report folder's nearest_pairs.png: not copied
+
+    @property
+    def n_ok(self) -> int:
+        return sum(c.tally.n for c in self.cohorts)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(c.tally.failed for c in self.cohorts)
 
 
 def _findings_text(row: dict) -> str:
     parts = []
-    for f in FINDING_NAMES:
-        if f == NO_FINDING or not row.get(f):
-            continue
+    for f in row_findings(row):
         extra = " ".join(str(row[k]) for k in (severity_column(f), laterality_column(f)) if row.get(k))
         parts.append(f"{f} ({extra})" if extra else f)
     return ", ".join(parts) or NO_FINDING
 
 
-def _identity(ok: pd.DataFrame) -> list[tuple[str, str]]:
+def _identity(rows: pa.Table) -> list[tuple[str, str]]:
     out = []
-    for col in ("backend", "backend_version", "model", "model_hash", "sampler"):
-        if col in ok.columns:
-            vals = [v for v in ok[col].dropna().astype(str).unique() if v]
+    for col in IDENTITY:
+        if col in rows.column_names:
+            vals = [v for v in map(str, pc.unique(pc.drop_null(rows.column(col))).to_pylist()) if v]
             if vals:
                 out.append((col, ", ".join(vals[:3]) + (f" (+{len(vals) - 3} more)" if len(vals) > 3 else "")))
     return out
@@ -218,13 +260,180 @@ def _rel(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
 
-def build_report(out: str | Path, dest: str | Path | None = None, per_cohort: int = 12,
-                 metrics: str | Path | None = None, tile_px: int = 192) -> Path:
-    """Write the report for output folder `out` into `dest` (default OUT/report); return index.html."""
-    from ..export.contact_sheet import contact_sheet
+def _cohorts(table: pa.Table, ok: pa.Table, recipe: Recipe | None, per_cohort: int,
+             root: Path | None, dest: Path, store: Store) -> list[CohortPage]:
+    """The recipe's cohorts first, in its order, then any others the manifest holds."""
+    specs = {c.name: c for c in recipe.cohorts} if recipe is not None else {}
+    tallies = Composition.of(table).cohorts
+    pages = []
+    for i, name in enumerate(list(specs) + [c for c in tallies if c not in specs]):
+        tally = tallies.get(name, CohortTally())
+        shown = ok.filter(pc.equal(ok.column("cohort"), name)).slice(0, per_cohort).to_pylist()
+        hrefs = [_rel(Path(store.root) / r["image_png"], dest) if r.get("image_png") and root is not None else None
+                 for r in shown]
+        pages.append(CohortPage(i, name, specs.get(name), tally, charts.composition(specs.get(name), tally),
+                                shown, hrefs))
+    return pages
 
-    if per_cohort < 1:
-        raise UserError(f"--per-cohort must be at least 1, got {per_cohort}")
+
+def gather(out: str | Path, dest: Path, per_cohort: int, metrics_path: Path) -> ReportData:
+    """Read what the page shows; nothing is written."""
+    root = _local_root(out)
+    store, table, recipe, raw = load_dataset(out)
+    mask = ok_mask(table)
+    ok, failed = table.filter(mask), table.filter(pc.invert(mask))
+    links = [(_rel(root / rel, dest), what, rel) for rel, what in LINKED if store.exists(rel)] if root is not None else []
+    has_metrics, metrics, pairs = metrics_path.is_file(), None, None
+    pairs_path = metrics_path.parent / NEAREST_PAIRS
+    if has_metrics:
+        metrics = load_metrics(metrics_path)
+        pairs = pairs_path.read_bytes() if pairs_path.is_file() else None
+    return ReportData(
+        name=(recipe.name if recipe is not None else raw.get("name")) or Path(str(out)).name,
+        description=(recipe.description if recipe is not None else raw.get("description")) or "",
+        recipe=recipe, store=store, n_jobs=table.num_rows,
+        cohorts=_cohorts(table, ok, recipe, per_cohort, root, dest, store),
+        failures=failed.slice(0, MAX_FAILURES).select(["job_id", "cohort", "index", "error"]).to_pylist(),
+        identity=_identity(ok if ok.num_rows else table), links=links,
+        metrics_path=metrics_path, has_metrics=has_metrics, metrics=metrics, pairs=pairs,
+        pairs_in_place=pairs is not None and pairs_path.resolve() == (dest / NEAREST_PAIRS).resolve(),
+    )
+
+
+# ---- render: plain data → the page and its images -------------------------------------------------
+
+
+def _tiles(c: CohortPage, tile_px: int, store: Store) -> tuple[str, dict[str, bytes]]:
+    """The contact sheet of the shown rows and the table of what each tile is."""
+    if not c.shown:
+        return "<p>No images to show: every job of this cohort failed, or none ran.</p>", {}
+    fname = f"contact_{c.index:02d}_{c.name}.png"
+    png = draw_sheet(store, c.shown, tile_px, columns=min(6, len(c.shown)))
+    alt = (f"Contact sheet of cohort {c.name}: {len(c.shown)} of {c.tally.n} images with mask outlines and "
+           f"boxes drawn on; each tile is described in the table that follows.")
+    rows = []
+    for k, (r, href) in enumerate(zip(c.shown, c.hrefs)):
+        masks = [m["name"] for m in r.get("masks") or []]
+        labels = sorted({b["label"] for b in r.get("realised_boxes") or []})
+        link = f'<a href="{esc(href)}">{esc(r["job_id"])}</a>' if href is not None else esc(r["job_id"])
+        rows.append([_num(k + 1), f"<td>{link}</td>", _td(r.get("view")), _td(r.get("sex")), _num(r.get("age")),
+                     _td(_findings_text(r)), _td(", ".join(masks) or "-"), _td(", ".join(labels) or "-")])
+    html_ = ("<h3>Images</h3>" + _img(fname, alt)
+             + "<details><summary>What each tile shows (left to right, top to bottom)</summary>"
+             + _table(["tile", "job", "view", "sex", "age", "findings", "masks", "boxes"], rows) + "</details>")
+    return html_, {fname: png}
+
+
+def _requested_vs_realised(c: CohortPage) -> tuple[str, dict[str, bytes]]:
+    chart = f"composition_{c.index:02d}_{c.name}.png"
+    png = charts.composition_chart(f"{c.name}: requested vs realised", c.composition, c.tally.n)
+    parts = ["<h3>Requested against realised</h3>"]
+    if c.spec is None:
+        parts.append('<p class="na">The recipe does not describe this cohort (or recipe.yaml is missing or '
+                     "unreadable): only what was realised is shown.</p>")
+    elif c.spec.findings == "natural":
+        parts.append('<p class="meta">Findings were drawn from the priors (findings: natural): no requested '
+                     "prevalence to compare with.</p>")
+    parts.append(_img(chart, f"Bar charts of finding prevalence, sex, age and view for cohort {c.name}: requested "
+                             "(hatched) against realised (filled); the same numbers are in the table that follows.",
+                      "chart"))
+    rows = [[_td(charts.PANEL_TITLES[panel]), _td(cat), f'<td class="num">{_pct(want)}</td>',
+             f'<td class="num">{_pct(got)}</td>', f'<td class="num">{round(got * c.tally.n)}</td>']
+            for panel in charts.PANELS for cat, want, got in c.composition[panel]]
+    parts.append("<details><summary>The numbers</summary>"
+                 + _table(["", "category", "requested", "realised", "images"], rows) + "</details>")
+    return "".join(parts), {chart: png}
+
+
+def _cohort_section(c: CohortPage, tile_px: int, store: Store) -> tuple[str, dict[str, bytes]]:
+    requested = f", {c.spec.count} requested" if c.spec is not None else ""
+    tiles, files = _tiles(c, tile_px, store)
+    comp, chart = _requested_vs_realised(c)
+    return (f'<section id="cohort-{c.index}"><h2>Cohort {esc(c.name)}</h2>'
+            f'<p class="meta">{c.tally.n} images ok, {c.tally.failed} failed{requested}</p>'
+            f"{tiles}{comp}</section>"), {**files, **chart}
+
+
+def _failures(d: ReportData) -> str:
+    if not d.n_failed:
+        return "<p>None: every job produced an image.</p>"
+    rows = [[_td(r["job_id"]), _td(r["cohort"]), _num(r.get("index")), f'<td class="bad">{esc(r.get("error"))}</td>']
+            for r in d.failures]
+    more = f"<p>… and {d.n_failed - MAX_FAILURES} more (see the manifest).</p>" if d.n_failed > MAX_FAILURES else ""
+    return _table(["job", "cohort", "index", "error"], rows) + more
+
+
+def _metrics(d: ReportData) -> tuple[str, dict[str, bytes]]:
+    if not d.has_metrics:
+        return ('<p class="meta">No metrics yet: run <code>chexforge eval</code> to write '
+                f"<code>{esc(d.metrics_path)}</code>, or pass <code>--metrics FILE</code>.</p>"), {}
+    out = f'<p class="meta">From <code>{esc(d.metrics_path)}</code>.</p>' + render_metrics(d.metrics)
+    if d.pairs is None:
+        return out, {}
+    out += ("<h3>Nearest pairs</h3>" + _img(
+        NEAREST_PAIRS, "Nearest pairs found by the memorization screen: each generated image beside its closest "
+        "reference image; the distances are in the metrics tables above."))
+    return out, {} if d.pairs_in_place else {NEAREST_PAIRS: d.pairs}
+
+
+def _header(d: ReportData) -> list[str]:
+    r = d.recipe
+    per = [[_td(c.name), _num(c.tally.n), _num(c.tally.failed), _num(c.spec.count if c.spec is not None else None)]
+           for c in d.cohorts]
+    per.append(["<th scope=row>total</th>", _num(d.n_ok), _num(d.n_failed), _num(r.total if r is not None else None)])
+    recipe_line = (f"recipe <code>{esc(d.name)}</code>, seed {esc(r.seed)}, backend <code>{esc(r.backend)}</code>, "
+                   f"{esc(r.output.size)} px" if r is not None
+                   else '<span class="na">recipe.yaml is missing or unreadable</span>')
+    links = [f'<a href="{esc(href)}">{what} ({rel})</a>' for href, what, rel in d.links]
+    nav = [f'<a href="#cohort-{c.index}">{esc(c.name)}</a>' for c in d.cohorts]
+    nav += ['<a href="#failures">failures</a>', '<a href="#metrics">metrics</a>']
+    return [
+        f"<h1>{esc(d.name)}</h1>",
+        f"<p>{esc(d.description)}</p>" if d.description else "",
+        f'<p class="meta">Synthetic chest radiographs made by chexforge; none depicts a real patient. {recipe_line}. '
+        f"Folder <code>{esc(d.store.root)}</code>.</p>",
+        f'<p id="counts">Jobs: <strong id="n-jobs">{d.n_jobs}</strong>; images ok: <strong id="n-ok">{d.n_ok}</strong>; '
+        f'failed: <strong id="n-failed">{d.n_failed}</strong>.</p>',
+        _table(["cohort", "ok", "failed", "requested"], per, "Images per cohort"),
+        _table(["", "value"], [[f"<th scope=row>{esc(k)}</th>", f"<td><code>{esc(v)}</code></td>"] for k, v in d.identity],
+               "Generator identity") if d.identity else "",
+        "<p>" + " · ".join(links) + "</p>" if links else "",
+        "<nav>" + "".join(nav) + "</nav>",
+    ]
+
+
+def render(d: ReportData, tile_px: int = 192) -> tuple[str, dict[str, bytes]]:
+    """(index.html text, {file name: PNG bytes} it shows)."""
+    files: dict[str, bytes] = {}
+    sections = []
+    for c in d.cohorts:
+        section, images = _cohort_section(c, tile_px, d.store)
+        sections.append(section)
+        files.update(images)
+    metrics_html, images = _metrics(d)
+    files.update(images)
+    page = "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(d.name)}: chexforge report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<header>", *_header(d), "</header><main>",
+        *sections,
+        f'<section id="failures"><h2>Failed jobs ({d.n_failed})</h2>{_failures(d)}</section>',
+        f'<section id="metrics"><h2>Evaluation metrics</h2>{metrics_html}</section>',
+        f'</main><footer><p class="meta">Made by chexforge {esc(__version__)} <code>chexforge report</code>.</p></footer>',
+        "</body></html>",
+        "",
+    ])
+    return page, files
+
+
+# ---- build: check the paths, gather, render, write ----------------------------------------------
+
+
+def _destination(out: str | Path, dest: str | Path | None) -> Path:
+    """The report folder: OUT/report by default, never among the dataset's own files."""
     root = _local_root(out)
     if dest is None:
         if root is None:
@@ -235,147 +444,19 @@ def build_report(out: str | Path, dest: str | Path | None = None, per_cohort: in
         r, d = root.resolve(), dest.resolve()
         if d == r or any(d == r / sub or r / sub in d.parents for sub in DATASET_DIRS):
             raise UserError("the report goes in its own folder, not among the dataset's files (try OUT/report)", dest)
+    return dest
+
+
+def build_report(out: str | Path, dest: str | Path | None = None, per_cohort: int = 12,
+                 metrics: str | Path | None = None, tile_px: int = 192) -> Path:
+    """Write the report for output folder `out` into `dest` (default OUT/report); return index.html."""
+    if per_cohort < 1:
+        raise UserError(f"--per-cohort must be at least 1, got {per_cohort}")
+    dest = _destination(out, dest)
     metrics_path = Path(metrics) if metrics is not None else dest / METRICS
     if metrics is not None and not metrics_path.is_file():
         raise UserError("no such metrics file", metrics_path)
-
-    store, table, recipe, raw = load_dataset(out)
-    df = table.to_pandas()
-    ok_mask = df["status"] == "ok"
-    ok, failed = df[ok_mask], df[~ok_mask]
-    cohorts_in_recipe = {c.name: c for c in recipe.cohorts} if recipe is not None else {}
-    cohort_names = list(cohorts_in_recipe) + [c for c in dict.fromkeys(df["cohort"]) if c not in cohorts_in_recipe]
-    name = (recipe.name if recipe is not None else raw.get("name")) or Path(str(out)).name
-
-    files: dict[str, bytes] = {}
-    sections: list[str] = []
-    nav: list[str] = []
-    for i, cohort in enumerate(cohort_names):
-        sub_ok = ok[ok["cohort"] == cohort]
-        sub_failed = failed[failed["cohort"] == cohort]
-        anchor = f"cohort-{i}"
-        nav.append(f'<a href="#{anchor}">{esc(cohort)}</a>')
-        parts = [f'<section id="{anchor}"><h2>Cohort {esc(cohort)}</h2>',
-                 f'<p class="meta">{len(sub_ok)} images ok, {len(sub_failed)} failed'
-                 + (f", {cohorts_in_recipe[cohort].count} requested" if cohort in cohorts_in_recipe else "")
-                 + "</p>"]
-        # contact sheet: the first `per_cohort` ok images, with the table of what each tile is
-        shown = sub_ok.head(per_cohort)
-        if len(shown):
-            picked = table.take(pa.array(shown.index.to_numpy(), pa.int64()))
-            png = contact_sheet(store, picked, n=len(shown), tile_px=tile_px, columns=min(6, len(shown)))
-            fname = f"contact_{i:02d}_{cohort}.png"
-            files[fname] = png
-            alt = (f"Contact sheet of cohort {cohort}: {len(shown)} of {len(sub_ok)} images with mask outlines and "
-                   f"boxes drawn on; each tile is described in the table that follows.")
-            parts.append("<h3>Images</h3>" + _img(fname, alt))
-            rows = []
-            for k, r in enumerate(shown.to_dict("records")):
-                boxes = r.get("realised_boxes")
-                boxes = list(boxes) if boxes is not None else []
-                masks = r.get("masks")
-                masks = [m["name"] for m in masks] if masks is not None else []
-                img = Path(store.root) / r["image_png"] if r.get("image_png") and root is not None else None
-                link = (f'<a href="{esc(_rel(img, dest))}">{esc(r["job_id"])}</a>' if img is not None else esc(r["job_id"]))
-                rows.append([_num(k + 1), f"<td>{link}</td>", _td(r.get("view")), _td(r.get("sex")), _num(r.get("age")),
-                             _td(_findings_text(r)), _td(", ".join(masks) or "-"),
-                             _td(", ".join(sorted({b["label"] for b in boxes})) or "-")])
-            parts.append("<details><summary>What each tile shows (left to right, top to bottom)</summary>"
-                         + _table(["tile", "job", "view", "sex", "age", "findings", "masks", "boxes"], rows) + "</details>")
-        else:
-            parts.append("<p>No images to show: every job of this cohort failed, or none ran.</p>")
-        # composition: requested (recipe) against realised (manifest)
-        spec = cohorts_in_recipe.get(cohort)
-        comp = charts.composition(spec, sub_ok)
-        chart = f"composition_{i:02d}_{cohort}.png"
-        files[chart] = charts.composition_chart(f"{cohort}: requested vs realised", comp, len(sub_ok))
-        parts.append("<h3>Requested against realised</h3>")
-        if spec is None:
-            parts.append('<p class="na">The recipe does not describe this cohort (or recipe.yaml is missing or '
-                         "unreadable): only what was realised is shown.</p>")
-        elif spec.findings == "natural":
-            parts.append('<p class="meta">Findings were drawn from the priors (findings: natural): no requested '
-                         "prevalence to compare with.</p>")
-        parts.append(_img(chart, f"Bar charts of finding prevalence, sex, age and view for cohort {cohort}: requested "
-                                 "(hatched) against realised (filled); the same numbers are in the table that follows.",
-                          "chart"))
-        crow = []
-        for panel in charts.PANELS:
-            for cat, want, got in comp[panel]:
-                crow.append([_td(charts.PANEL_TITLES[panel]), _td(cat), f'<td class="num">{_pct(want)}</td>',
-                             f'<td class="num">{_pct(got)}</td>',
-                             f'<td class="num">{round(got * len(sub_ok))}</td>'])
-        parts.append("<details><summary>The numbers</summary>"
-                     + _table(["", "category", "requested", "realised", "images"], crow) + "</details>")
-        parts.append("</section>")
-        sections.append("".join(parts))
-
-    # failures
-    fail_html = "<p>None: every job produced an image.</p>"
-    if len(failed):
-        rows = [[_td(r["job_id"]), _td(r["cohort"]), _num(r.get("index")), f'<td class="bad">{esc(r.get("error"))}</td>']
-                for r in failed.head(MAX_FAILURES).to_dict("records")]
-        more = f"<p>… and {len(failed) - MAX_FAILURES} more (see the manifest).</p>" if len(failed) > MAX_FAILURES else ""
-        fail_html = _table(["job", "cohort", "index", "error"], rows) + more
-
-    # metrics
-    metrics_html = ('<p class="meta">No metrics yet: run <code>chexforge eval</code> to write '
-                    f"<code>{esc(metrics_path)}</code>, or pass <code>--metrics FILE</code>.</p>")
-    if metrics_path.is_file():
-        data = load_metrics(metrics_path)
-        metrics_html = f'<p class="meta">From <code>{esc(metrics_path)}</code>.</p>' + render_metrics(data)
-        pairs = metrics_path.parent / NEAREST_PAIRS
-        if pairs.is_file():
-            if pairs.resolve() != (dest / NEAREST_PAIRS).resolve():
-                files[NEAREST_PAIRS] = pairs.read_bytes()
-            metrics_html += ("<h3>Nearest pairs</h3>" + _img(
-                NEAREST_PAIRS, "Nearest pairs found by the memorization screen: each generated image beside its closest "
-                "reference image; the distances are in the metrics tables above."))
-    nav += ['<a href="#failures">failures</a>', '<a href="#metrics">metrics</a>']
-
-    # header
-    per = [[_td(c), _num(int((ok["cohort"] == c).sum())), _num(int((failed["cohort"] == c).sum())),
-            _num(cohorts_in_recipe[c].count if c in cohorts_in_recipe else None)] for c in cohort_names]
-    per.append(["<th scope=row>total</th>", _num(len(ok)), _num(len(failed)),
-                _num(recipe.total if recipe is not None else None)])
-    links = []
-    if root is not None:
-        for rel, what in (("manifest.parquet", "manifest"), ("README.md", "dataset card"), ("recipe.yaml", "recipe"),
-                          ("coco.json", "COCO boxes")):
-            if store.exists(rel):
-                links.append(f'<a href="{esc(_rel(root / rel, dest))}">{what} ({rel})</a>')
-    ident = _identity(ok if len(ok) else df)
-    description = (recipe.description if recipe is not None else raw.get("description")) or ""
-    recipe_line = (f"recipe <code>{esc(name)}</code>, seed {esc(recipe.seed)}, backend <code>{esc(recipe.backend)}</code>, "
-                   f"{esc(recipe.output.size)} px" if recipe is not None
-                   else '<span class="na">recipe.yaml is missing or unreadable</span>')
-    head = [
-        f"<h1>{esc(name)}</h1>",
-        f"<p>{esc(description)}</p>" if description else "",
-        f'<p class="meta">Synthetic chest radiographs made by chexforge; none depicts a real patient. {recipe_line}. '
-        f"Folder <code>{esc(store.root)}</code>.</p>",
-        f'<p id="counts">Jobs: <strong id="n-jobs">{len(df)}</strong>; images ok: <strong id="n-ok">{len(ok)}</strong>; '
-        f'failed: <strong id="n-failed">{len(failed)}</strong>.</p>',
-        _table(["cohort", "ok", "failed", "requested"], per, "Images per cohort"),
-        _table(["", "value"], [[f"<th scope=row>{esc(k)}</th>", f"<td><code>{esc(v)}</code></td>"] for k, v in ident],
-               "Generator identity") if ident else "",
-        "<p>" + " · ".join(links) + "</p>" if links else "",
-        "<nav>" + "".join(nav) + "</nav>",
-    ]
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(name)}: chexforge report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<header>", *head, "</header><main>",
-        *sections,
-        f'<section id="failures"><h2>Failed jobs ({len(failed)})</h2>{fail_html}</section>',
-        f'<section id="metrics"><h2>Evaluation metrics</h2>{metrics_html}</section>',
-        f'</main><footer><p class="meta">Made by chexforge {esc(__version__)} <code>chexforge report</code>.</p></footer>',
-        "</body></html>",
-        "",
-    ])
+    page, files = render(gather(out, dest, per_cohort, metrics_path), tile_px)
     dest.mkdir(parents=True, exist_ok=True)
     mode = _public_mode()
     for fname, data in [*files.items(), ("index.html", page.encode("utf-8"))]:

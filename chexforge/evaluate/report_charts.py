@@ -1,7 +1,8 @@
 """Requested-against-realised composition for the visual report: the numbers and their charts.
 
 For each cohort, the recipe says what was asked for (finding probabilities, sex, age and view
-distributions) and the manifest says what came out (rows with status ok). `composition` turns both
+distributions) and the manifest's tally says what came out (rows with status ok, counted by
+`plan.summary.Composition`, the same counts the dataset card prints). `composition` turns both
 into fractions over the same categories; `composition_chart` draws them side by side (matplotlib,
 Agg backend, PNG bytes). The HTML page shows the same numbers as tables, so it reads without images.
 """
@@ -9,12 +10,12 @@ Agg backend, PNG bytes). The HTML page shows the same numbers as tables, so it r
 from __future__ import annotations
 
 import io
-import math
+from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING, SEXES, VIEWS
+from ..plan.summary import CohortTally
 from ..recipe.schema import Age, Cohort
 
 AGE_BINS: tuple[tuple[str, int, int], ...] = (
@@ -25,13 +26,21 @@ PANELS = ("findings", "sex", "age", "view")
 PANEL_TITLES = {"findings": "finding prevalence", "sex": "sex", "age": "age (years)", "view": "view"}
 
 
-def age_bin(age: float) -> str | None:
-    if age is None or (isinstance(age, float) and math.isnan(age)):
-        return None
+def age_bin(age: int) -> str | None:
     for label, lo, hi in AGE_BINS:
         if lo <= age <= hi:
             return label
     return None
+
+
+def binned_ages(counts: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """(age, how many) pairs → how many in each of AGE_BINS (ages outside them are left out)."""
+    out = dict.fromkeys((b[0] for b in AGE_BINS), 0)
+    for age, k in counts:
+        label = age_bin(int(age))
+        if label is not None:
+            out[label] += int(k)
+    return out
 
 
 def requested_age_pmf(spec: Age, grid: int = 4096) -> dict[str, float]:
@@ -41,12 +50,7 @@ def requested_age_pmf(spec: Age, grid: int = 4096) -> dict[str, float]:
 
     u = (np.arange(grid) + 0.5) / grid
     u2 = (u * 0.6180339887498949 * grid) % 1.0  # a second, decorrelated even grid (bins only)
-    drawn = ages(spec, u, u2)
-    counts = dict.fromkeys((b[0] for b in AGE_BINS), 0)
-    for a, k in zip(*np.unique(drawn, return_counts=True)):
-        label = age_bin(int(a))
-        if label is not None:
-            counts[label] += int(k)
+    counts = binned_ages(zip(*np.unique(ages(spec, u, u2), return_counts=True)))
     return {k: v / grid for k, v in counts.items()}
 
 
@@ -67,29 +71,25 @@ def requested(cohort: Cohort) -> dict[str, dict[str, float] | None]:
     return out
 
 
-def realised(ok: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Fractions among a cohort's status-ok manifest rows."""
-    n = len(ok)
+def realised(tally: CohortTally) -> dict[str, dict[str, float]]:
+    """Fractions among a cohort's status-ok manifest rows (rows without an age count in the
+    denominator of the age panel, in no bin)."""
+    n = tally.n
     if n == 0:
         return {p: {} for p in PANELS}
-    findings = {f: float(pd.to_numeric(ok[f], errors="coerce").fillna(0).astype(bool).mean())
-                for f in FINDING_NAMES if f in ok.columns}
-    sex = ok["sex"].value_counts()
-    view = ok["view"].value_counts()
-    ages = ok["age"].map(age_bin).value_counts()
     return {
-        "findings": findings,
-        "sex": {k: int(v) / n for k, v in sex.items()},
-        "view": {k: int(v) / n for k, v in view.items()},
-        "age": {k: int(v) / n for k, v in ages.items()},
+        "findings": {f: k / n for f, k in tally.findings.items()},
+        "sex": {k: v / n for k, v in tally.sex.items()},
+        "view": {k: v / n for k, v in tally.view.items()},
+        "age": {k: v / n for k, v in binned_ages(tally.ages.items()).items()},
     }
 
 
-def composition(cohort: Cohort | None, ok: pd.DataFrame) -> dict[str, list[tuple[str, float | None, float]]]:
+def composition(cohort: Cohort | None, tally: CohortTally) -> dict[str, list[tuple[str, float | None, float]]]:
     """Per panel, rows of (category, requested fraction or None, realised fraction), over the
     categories either side mentions, in vocabulary order."""
     want = requested(cohort) if cohort is not None else {p: None for p in PANELS}
-    got = realised(ok)
+    got = realised(tally)
     order = {"findings": list(FINDING_NAMES), "sex": list(SEXES), "view": list(VIEWS), "age": [b[0] for b in AGE_BINS]}
     out: dict[str, list[tuple[str, float | None, float]]] = {}
     for panel in PANELS:

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from .. import __version__
 from ..contracts.vocabulary import FINDING_NAMES
-from ..plan.summary import Composition, record_batches
+from ..plan.summary import Composition, ok_mask, record_batches
 from ..store import Store
 
 MAX_FAILED = 20  # failed jobs listed by name; the manifest has them all
@@ -23,7 +23,7 @@ def _read(manifest: pa.Table | Iterable[pa.RecordBatch]) -> tuple[Composition, l
     comp, failed, identity = Composition(), [], {}
     for batch in record_batches(manifest):
         comp.add(batch)
-        ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+        ok = ok_mask(batch)
         if len(failed) < MAX_FAILED:
             bad = batch.filter(pc.invert(ok)).slice(0, MAX_FAILED - len(failed))
             failed += zip(bad.column("job_id").to_pylist(), bad.column("error").to_pylist())

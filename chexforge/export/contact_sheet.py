@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from ..contracts.jobs import laterality_column
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..store import Store, open_store
 from .png import read_png
 
@@ -58,34 +59,40 @@ def _dicom_pixels(data) -> np.ndarray:
     return ds.pixel_array.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
 
 
-def caption(row: dict, findings: list[str]) -> str:
-    present = [f for f in findings if row.get(f)]
+def row_findings(row: dict) -> list[str]:
+    """The findings a manifest row has, No Finding aside, in vocabulary order."""
+    return [f for f in FINDING_NAMES if f != NO_FINDING and row.get(f)]
+
+
+def caption(row: dict) -> str:
+    present = row_findings(row)
     lat = [row.get(laterality_column(f)) for f in present]
-    text = ", ".join(f"{f} {side}" if side else f for f, side in zip(present, lat)) or "No Finding"
+    text = ", ".join(f"{f} {side}" if side else f for f, side in zip(present, lat)) or NO_FINDING
     return f"{row['cohort']} · {row['view']} {row['sex']}{row['age']}\n{text}"
 
 
 def contact_sheet(out: Store | str | Path, manifest: pa.Table, n: int = 24, tile_px: int = 256, columns: int = 6,
                   overlays: bool = True) -> bytes:
     """PNG bytes of up to `n` images, spread evenly over the cohorts."""
-    from ..contracts.vocabulary import FINDING_NAMES
-
     store = out if isinstance(out, Store) else open_store(out)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).to_pylist()
     picked = _spread(ok, n)
     if not picked:
         raise ValueError("no images to show")
-    columns = min(columns, len(picked))
-    rows = -(-len(picked) // columns)
+    return draw_sheet(store, picked, tile_px, columns, overlays)
+
+
+def draw_sheet(store: Store, rows: list[dict], tile_px: int = 256, columns: int = 6, overlays: bool = True) -> bytes:
+    """PNG bytes of these manifest rows' images, in order, left to right and top to bottom."""
+    columns = min(columns, len(rows))
     cap = 30
-    sheet = Image.new("RGB", (columns * tile_px, rows * (tile_px + cap)), (18, 18, 18))
+    sheet = Image.new("RGB", (columns * tile_px, -(-len(rows) // columns) * (tile_px + cap)), (18, 18, 18))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    findings = [f for f in FINDING_NAMES if f != "No Finding"]
-    for i, row in enumerate(picked):
+    for i, row in enumerate(rows):
         x, y = (i % columns) * tile_px, (i // columns) * (tile_px + cap)
         sheet.paste(tile(store, row, tile_px, overlays), (x, y))
-        draw.multiline_text((x + 4, y + tile_px + 2), caption(row, findings), fill=(230, 230, 230), font=font, spacing=2)
+        draw.multiline_text((x + 4, y + tile_px + 2), caption(row), fill=(230, 230, 230), font=font, spacing=2)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()

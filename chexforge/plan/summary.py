@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..contracts.backends import backend_info
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
@@ -82,8 +83,7 @@ class Composition:
 
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
         df = batch.select([c for c in COLUMNS if c in batch.schema.names]).to_pandas()
-        # A job table has no status: all its rows are what is asked for, so all count.
-        counted = df["status"].eq("ok") if "status" in df.columns else pd.Series(True, index=df.index)
+        counted = pd.Series(ok_mask(batch).to_numpy(zero_copy_only=False), index=df.index)
         for cohort, rows in df.groupby("cohort", sort=False):
             tally = self.cohorts.setdefault(cohort, CohortTally())
             ok = counted[rows.index]
@@ -93,6 +93,14 @@ class Composition:
     def counted(self) -> Iterator[tuple[str, CohortTally]]:
         """The cohorts with at least one counted row: those the card and tables list."""
         return ((name, t) for name, t in self.cohorts.items() if t.n)
+
+
+def ok_mask(data: pa.Table | pa.RecordBatch) -> pa.Array | pa.ChunkedArray:
+    """The rows that made an image: status ok (a missing status is not ok). A job table has no
+    status column: its rows are what is asked for, so all of them count."""
+    if "status" not in data.schema.names:
+        return pa.array(np.ones(data.num_rows, dtype=bool))
+    return pc.fill_null(pc.equal(data.column("status"), "ok"), False)
 
 
 def record_batches(data: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from chexforge.cli import main
+from chexforge.contracts.images import read_mask
 from chexforge.errors import UserError
 from chexforge.evaluate import adherence as A
 from chexforge.evaluate.images import load_set
-from chexforge.export.png import read_png
 from chexforge.plan import plan
 from chexforge.recipe import load_recipe
 from chexforge.runtime import RunOptions, run
@@ -73,7 +73,7 @@ def ds(tmp_path_factory):
 
 
 def _masks(out, rows):
-    return np.stack([read_png(out / x["masks"][0]["path"]) for x in rows])  # (6, 64, 64) bool, Nodule
+    return np.stack([read_mask(out / x["masks"][0]["path"]) for x in rows])  # (6, 64, 64) bool, Nodule
 
 
 def _eval(out, dest, *args):

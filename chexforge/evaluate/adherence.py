@@ -190,7 +190,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def seg_adherence(model: ScriptModel, images: np.ndarray, masks: list | None, root: str | Path) -> dict:
     """Dice of the model's masks against the dataset's own masks, for every class both have; the
     model's logits are resized to each mask's resolution and thresholded at 0."""
-    from ..export.png import read_png
+    from ..contracts.images import read_mask
 
     if masks is None:
         return {"available": False, "why": "the generated set has no masks (not a chexforge output folder)"}
@@ -205,7 +205,7 @@ def seg_adherence(model: ScriptModel, images: np.ndarray, masks: list | None, ro
             name = m["name"]
             if name not in model.classes:
                 continue
-            truth = np.asarray(read_png(root / m["path"]), bool)
+            truth = read_mask(root / m["path"])
             logit = outs[i:i + 1, model.classes.index(name):model.classes.index(name) + 1]
             if tuple(logit.shape[-2:]) != truth.shape:
                 logit = torch.nn.functional.interpolate(logit, size=truth.shape, mode="bilinear", align_corners=False)

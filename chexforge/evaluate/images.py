@@ -2,7 +2,8 @@
 
 Every set becomes an `ImageSet`: grayscale float32 images in [0, 1] resized to size×size, an id
 per image, and where the source has them the finding labels (0/1 per vocabulary finding), the
-prompt and the seed. 16-bit PNGs are read at full depth.
+prompt and the seed. Pixels come from the one reader, chexforge/contracts/images.py (bit depth
+from the file's mode, colour to BT.601 luma, Pillow-bilinear resize; the aspect ratio is not kept).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from ..contracts.images import read_gray
 from ..contracts.vocabulary import FINDING_NAMES
 from ..errors import UserError
 
@@ -35,24 +36,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image as float32 [0, 1], size×size (bilinear; aspect ratio is not kept)."""
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable image ({e})", path) from None
-    if a.ndim == 3:  # RGB(A) → luminance
-        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        scale = 255.0
-    else:
-        scale = 65535.0 if a.dtype == np.uint16 or a.max(initial=0) > 255 else 255.0
-    a = a.astype(np.float32) / (1.0 if a.dtype.kind == "f" else scale)
-    if a.shape != (size, size):
-        a = np.asarray(Image.fromarray(a, mode="F").resize((size, size), Image.BILINEAR))
-    return np.clip(a, 0.0, 1.0).astype(np.float32)
 
 
 def _pick(n: int, limit: int | None) -> np.ndarray:
@@ -85,7 +68,7 @@ def _from_manifest(path: Path, size: int, limit: int | None) -> ImageSet:
     if df.empty:
         raise UserError("no finished PNG images in this chexforge output folder", path)
     df = df.iloc[_pick(len(df), limit)].reset_index(drop=True)
-    images = np.stack([read_image(path / rel, size) for rel in df["image_png"]])
+    images = np.stack([read_gray(path / rel, size) for rel in df["image_png"]])
     findings = [f for f in FINDING_NAMES if f in df]
     labels = df[findings].fillna(0).astype(float) if findings else None
     return ImageSet(str(path), "manifest", images, df["job_id"].astype(str).tolist(), labels,
@@ -98,7 +81,7 @@ def _from_folder(path: Path, size: int, limit: int | None) -> ImageSet:
     if not files:
         raise UserError(f"no images ({', '.join(SUFFIXES)}) in this folder", path)
     files = [files[i] for i in _pick(len(files), limit)]
-    images = np.stack([read_image(p, size) for p in files])
+    images = np.stack([read_gray(p, size) for p in files])
     return ImageSet(str(path), "folder", images, [str(p.relative_to(path)) for p in files])
 
 
@@ -113,6 +96,6 @@ def _from_csv(path: Path, size: int, image_root: str | Path | None, limit: int |
     notes = [f"{int((~exists).sum())} of {len(df)} listed images are missing under {root}; skipped"] if not exists.all() else []
     df = df[exists].reset_index(drop=True)
     df = df.iloc[_pick(len(df), limit)].reset_index(drop=True)
-    images = np.stack([read_image(root / p, size) for p in df["image"]])
+    images = np.stack([read_gray(root / p, size) for p in df["image"]])
     labels = df[list(FINDING_NAMES)].astype(float)  # NaN (unknown) stays NaN
     return ImageSet(str(path), "csv", images, df["image"].astype(str).tolist(), labels, notes=notes)

@@ -1,4 +1,5 @@
-"""PNG encoding: 16-bit grayscale images and 8-bit masks (0 / 255)."""
+"""PNG encoding: 16-bit grayscale images and 8-bit masks (0 / 255). Reading is
+chexforge/contracts/images.py's one reader; `read_png` here only picks image or mask by depth."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from ..contracts.images import read_with_depth
 
 
 def png16_bytes(image: np.ndarray, compress_level: int = 3) -> bytes:
@@ -24,9 +27,6 @@ def mask_bytes(mask: np.ndarray) -> bytes:
 
 
 def read_png(path) -> np.ndarray:
-    """A PNG written here → float [0, 1] (images) or bool (masks)."""
-    with Image.open(path) as im:
-        a = np.asarray(im)
-    if a.dtype == np.uint16 or im.mode.startswith("I"):
-        return a.astype(np.float32) / 65535
-    return a > 127
+    """A PNG written here → float [0, 1] (a 16-bit image) or bool (an 8-bit mask, inside > one half)."""
+    a, bits = read_with_depth(path)
+    return a if bits == 16 else a > 0.5

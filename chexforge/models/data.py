@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..contracts.images import read_gray
 from ..contracts.vocabulary import ALIASES, FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 
@@ -119,18 +120,6 @@ def _age(v) -> int | None:
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Any PNG/JPEG (8- or 16-bit, gray or RGB) → float32 (size, size) in [0, 1]."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the image ({e})", path) from None
-    a = a.astype(np.float32)
-    if a.ndim == 3:
-        a = a[..., :3].mean(-1)
-    a = a / (65535.0 if a.max() > 255 else 255.0)
-    if a.shape != (size, size):
-        a = np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)).clip(0, 1)
-    return a.astype(np.float32)
+    """A training image → float32 (size, size) in [0, 1]: chexforge/contracts/images.py's one
+    reader (bit depth from the file's mode, colour to BT.601 luma, Pillow-bilinear resize)."""
+    return read_gray(path, size)

@@ -8,6 +8,10 @@ a table; the failed jobs with their errors; and the evaluation metrics when a me
 Plain HTML with a little inline CSS: no scripts, nothing fetched from the network, alt text on
 every image and every number also in text, so it reads without images. Everything is written
 atomically under the report folder; the dataset's own files are only read.
+
+Two steps: `gather` reads the folder, recipe and metrics into a `ReportData` (plain data, nothing
+written), `render` turns that into the page and its PNGs; `build_report` checks the paths, runs
+both and writes the result.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _local_root(out: str | Path) -> Path | None:
     return None if "://" in text else Path(text)
 
 
-def load_dataset(out: str | Path) -> tuple[Store, pa.Table, Any, dict]:
+def load_dataset(out: str | Path) -> tuple[Store, pa.Table, Recipe | None, dict]:
     """(store, manifest, parsed recipe or None, raw recipe dict); UserError for a folder that is not
     a chexforge output folder."""
     store = open_store(out)

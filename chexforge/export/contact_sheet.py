@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from ..contracts.jobs import laterality_column
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
+from ..plan.summary import ok_mask
 from ..store import Store, open_store
 from .png import read_png
 
@@ -75,7 +75,7 @@ def contact_sheet(out: Store | str | Path, manifest: pa.Table, n: int = 24, tile
                   overlays: bool = True) -> bytes:
     """PNG bytes of up to `n` images, spread evenly over the cohorts."""
     store = out if isinstance(out, Store) else open_store(out)
-    ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).to_pylist()
+    ok = manifest.filter(ok_mask(manifest)).to_pylist()
     picked = _spread(ok, n)
     if not picked:
         raise ValueError("no images to show")

@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@# diffdrr without its dependency list: that list pulls pyvista[all] for 3-D plots we never make.
 	$(BIN)/python -m pip install -q --no-deps "diffdrr>=0.4,<0.8"
-	@# torchxrayvision for the public label files its wheel ships (its model code is not used).
+	@# torchxrayvision for the public label files its wheel ships; its code is never imported (xrv-densenet is built with torchvision).
 	$(BIN)/python -m pip install -q --no-deps "torchxrayvision>=1.2"
 	@touch $(STAMP)
 

@@ -122,12 +122,13 @@ def test_a_planted_duplicate_is_flagged_and_a_distinct_image_is_not(rng):
 
 
 def test_missing_xrv_model_is_unavailable_with_a_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "XRV_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))  # an empty torchxrayvision cache
     import pandas as pd
 
     out = adherence.findings_adherence(np.zeros((2, 32, 32), np.float32), pd.DataFrame({"Effusion": [0, 1]}))
     assert out["available"] is False
-    assert "not on disk" in out["why"] and "never downloads" in out["why"]
+    assert out["why"].startswith("the xrv-densenet weights are not on this machine (")
+    assert "never downloads" in out["why"] and str(tmp_path / "nowhere") in out["why"]
 
 
 def test_auroc_known_answers():
@@ -186,7 +187,7 @@ def test_cli_writes_metrics_json(tiny_out, tmp_path):
 
 def test_default_features_without_weights_say_why_not(tiny_out, tmp_path, monkeypatch):
     gen, _, _ = tiny_out
-    monkeypatch.setattr(features, "XRV_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))  # an empty torchxrayvision cache
     assert main(["eval", str(gen), "--reference", str(gen), "--size", "48", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("fidelity", "memorization"):
@@ -237,21 +238,41 @@ def test_a_label_csv_with_an_image_root_is_a_reference(tiny_out, tmp_path):
 
 def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
     """A state dict in torchxrayvision's cache folder (here: untrained weights of the right shape)
-    makes the extractor and finding adherence available; a pickled model is refused with a fix."""
+    makes the extractor and finding adherence available, through QC's one loader; a pickled
+    model is refused with a fix."""
     import pandas as pd
     import torch
+    import torch.nn.functional as F
 
+    from chexforge.contracts.model_files import (
+        XRV_LABELS,
+        XRV_MODELS,
+        XRV_STATE_DICTS,
+        xrv_cache_dir,
+    )
     from chexforge.errors import UserError
+    from chexforge.qc.models import xrv_densenet_architecture
 
-    monkeypatch.setattr(features, "XRV_DIR", tmp_path)
-    net = features.xrv_densenet_architecture()
-    torch.save(net.state_dict(), tmp_path / features.XRV_ALL)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    xrv_cache_dir().mkdir(parents=True)
+    torch.manual_seed(0)
+    net = xrv_densenet_architecture().eval()
+    torch.save(net.state_dict(), xrv_cache_dir() / XRV_STATE_DICTS["xrv-densenet"])
     imgs = np.random.default_rng(3).random((4, 32, 32), dtype=np.float32)
-    assert features.get_extractor("xrv-densenet")(imgs).shape == (4, 1024)
+    ex = features.get_extractor("xrv-densenet")
+    assert features.xrv_weights() == xrv_cache_dir() / XRV_STATE_DICTS["xrv-densenet"]
+    x = F.interpolate(torch.from_numpy(imgs)[:, None], (224, 224), mode="bilinear", align_corners=False) * 2048 - 1024
+    with torch.no_grad():
+        expect = F.adaptive_avg_pool2d(F.relu(net.features(x)), 1).flatten(1)
+        scores = torch.sigmoid(net(x)).numpy()
+    got = ex(imgs)
+    assert got.shape == (4, 1024) and np.allclose(got, expect.numpy(), rtol=0, atol=1e-5)
     out = adherence.findings_adherence(imgs, pd.DataFrame({"Effusion": [0, 1, 0, 1], "Mass": [1, 1, 1, 1]}))
-    assert out["available"] is True
-    assert 0.0 <= out["per_finding"]["Effusion"]["auroc"] <= 1.0
+    assert out["available"] is True and out["model"] == "torchxrayvision densenet121-res224-all"
+    effusion = scores[:, XRV_LABELS.index("Effusion")]
+    assert out["per_finding"]["Effusion"]["auroc"] == adherence.auroc(effusion, np.array([0, 1, 0, 1]))
     assert out["per_finding"]["Mass"]["auroc"] is None
-    torch.save(net, tmp_path / features.XRV_ALL)
-    with pytest.raises(UserError, match="pickled model"):
+    (xrv_cache_dir() / XRV_STATE_DICTS["xrv-densenet"]).unlink()
+    torch.save(net, xrv_cache_dir() / XRV_MODELS["xrv-densenet"])
+    with pytest.raises(UserError, match=r"a pickled model \(torchvision.models.densenet.DenseNet\), not a state dict"):
         features.get_extractor("xrv-densenet")

@@ -227,6 +227,171 @@ cohorts:
         assert all(0.4 < h["value"] < 0.6 for h in json.loads(row["meta"])["qc"]["rejections"])
 
 
+# ---- the model loaders (chexforge/qc/models.py): torchxrayvision's DenseNet and TorchScript ------
+
+FAKE_XRV = """
+import torch
+from torchvision.models.densenet import DenseNet as _DenseNet
+
+
+class DenseNet(_DenseNet):  # stands in for torchxrayvision's class: the same parameter names
+    def __init__(self):
+        super().__init__(32, (6, 12, 24, 16), 64, num_classes=18)
+        self.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+"""
+
+
+def _xrv_home(tmp_path, monkeypatch):
+    from chexforge.contracts.model_files import xrv_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cache = xrv_cache_dir()
+    cache.mkdir(parents=True)
+    return cache
+
+
+def test_op_norm_known_answers():
+    from chexforge.contracts.model_files import XRV_OP_THRESHS
+    from chexforge.qc.models import op_norm
+
+    t = np.array(XRV_OP_THRESHS)
+    assert np.allclose(op_norm(t[None]), 0.5, rtol=0, atol=1e-12)  # each operating point → 0.5
+    assert np.array_equal(op_norm(np.zeros((1, 18))), np.zeros((1, 18)))
+    assert np.array_equal(op_norm(np.ones((1, 18))), np.ones((1, 18)))
+    got = op_norm(np.array([[0.05, 0.55, 0.3]]), (0.1, 0.1, float("nan")))
+    assert np.allclose(got, [[0.25, 1 - 0.45 / 1.8, 0.5]], rtol=0, atol=1e-12)
+
+
+def test_released_pickled_densenet_is_refused_with_a_conversion_that_works(tmp_path, monkeypatch):
+    """torchxrayvision's released file is a pickled whole model: refused (never unpickled) with
+    one line whose command, run where that class imports, writes the state dict chexforge reads."""
+    import os
+    import re
+
+    torch = pytest.importorskip("torch")
+    from chexforge.contracts.model_files import XRV_MODELS, XRV_STATE_DICTS, model_problem
+    from chexforge.qc.models import load_xrv_densenet
+
+    cache = _xrv_home(tmp_path, monkeypatch)
+    fake = tmp_path / "fake"
+    (fake / "torchxrayvision").mkdir(parents=True)
+    (fake / "torchxrayvision" / "__init__.py").write_text("from . import models\n")
+    (fake / "torchxrayvision" / "models.py").write_text(FAKE_XRV)
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    released = cache / XRV_MODELS["xrv-densenet"]
+    make = ("import torch, torchxrayvision as xrv; torch.manual_seed(0); m = xrv.models.DenseNet().eval(); "
+            f"torch.save(m, {str(released)!r}); x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(1)) "
+            f"* 2048 - 1024; torch.save({{'x': x, 'y': m(x).detach()}}, {str(tmp_path / 'expect.pt')!r})")
+    subprocess.run([sys.executable, "-c", make], env=env, check=True)
+    assert model_problem("xrv-densenet", "classifier") is None  # the file is there; loading says what is wrong
+    with pytest.raises(UserError) as e:
+        load_xrv_densenet()
+    line = e.value.line()
+    assert line.startswith(f"{released}: a pickled model (torchxrayvision.models.DenseNet), not a state dict") and "\n" not in line
+    assert "weights_only=True" in line and "pip install torchxrayvision" in line
+    command = re.search(r'python -c "(.*)"$', line).group(1)
+    before = released.read_bytes()
+    subprocess.run([sys.executable, "-c", command], env=env, check=True)
+    assert released.read_bytes() == before and (cache / XRV_STATE_DICTS["xrv-densenet"]).is_file()  # xrv's file kept
+    expect = torch.load(tmp_path / "expect.pt", weights_only=True)
+    net = load_xrv_densenet()
+    with torch.no_grad():
+        assert torch.allclose(net(expect["x"]), expect["y"], rtol=0, atol=1e-5)
+
+
+def test_xrv_densenet_matches_torchxrayvision_source():
+    """The torchvision build has torchxrayvision's parameter names and arithmetic, and the labels and
+    operating points in contracts are its model_urls["all"] (its source, with the image-file
+    modules it imports for datasets stubbed: chexforge installs it --no-deps)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchxrayvision") is None:
+        pytest.skip("torchxrayvision is not installed")
+    code = """
+import importlib.abc, importlib.machinery, os, sys
+from unittest import mock
+class Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('imageio', 'skimage'):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = mock.MagicMock(); m.__path__ = []; m.__spec__ = spec; return m
+    def exec_module(self, m): pass
+sys.meta_path.append(Stub())
+import numpy as np, torch, torchxrayvision as xrv
+from chexforge.contracts import model_files as M
+from chexforge.qc.models import op_norm, xrv_densenet_architecture
+urls = xrv.models.model_urls['all']
+assert tuple(urls['labels']) == M.XRV_LABELS and tuple(urls['op_threshs']) == M.XRV_OP_THRESHS
+assert os.path.basename(urls['weights_url']) == M.XRV_MODELS['xrv-densenet']
+assert urls['input_resolution'] == M.XRV_INPUT_SIZE
+theirs, ours = xrv.models.DenseNet(num_classes=18, in_channels=1).eval(), xrv_densenet_architecture().eval()
+a, b = theirs.state_dict(), ours.state_dict()
+assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+ours.load_state_dict(a, strict=True)
+theirs.op_threshs = torch.tensor(urls['op_threshs'])
+x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0)) * 2048 - 1024
+with torch.no_grad():
+    assert torch.allclose(theirs.features2(x), torch.relu(ours.features(x)).mean((2, 3)), rtol=0, atol=1e-5)
+    p = op_norm(torch.sigmoid(ours(x)).double().numpy())
+    assert np.allclose(theirs(x).numpy(), p, rtol=0, atol=1e-6)
+print('same')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+def test_xrv_classifier_rule_runs_from_a_state_dict(tmp_path, monkeypatch):
+    """QC's xrv-densenet: torchxrayvision's input ([-1024, 1024] at 224 px) and outputs (sigmoid,
+    operating-point normalisation), from a state dict, without importing torchxrayvision."""
+    torch = pytest.importorskip("torch")
+    from chexforge.contracts.model_files import XRV_LABELS, XRV_MODELS, model_file
+    from chexforge.qc.models import Classifier, op_norm, xrv_densenet_architecture
+
+    cache = _xrv_home(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    net = xrv_densenet_architecture().eval()
+    torch.save(net.state_dict(), cache / XRV_MODELS["xrv-densenet"])  # a released file converted in place
+    image = np.random.default_rng(4).random((64, 64), dtype=np.float32)
+    clf = Classifier("xrv-densenet", model_file("xrv-densenet", None), "cpu")
+    assert clf.labels == list(XRV_LABELS)
+    x = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(224, 224), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    with torch.no_grad():
+        expect = op_norm(torch.sigmoid(net(x * 2048 - 1024)).double().numpy())
+    assert np.allclose(clf([image]), expect, rtol=0, atol=1e-6)
+    for threshold, status in ((0.0, "ok"), (1.0, "failed")):
+        recipe = write(tmp_path, CLASSIFIER.replace("MODEL", "xrv-densenet").replace(
+            "model: xrv-densenet", f"model: xrv-densenet\n      min: {threshold}").replace("count: 1", "count: 2")
+            .replace("qc:", "qc:\n  max_attempts: 1"))
+        r = load_recipe(recipe)
+        out = tmp_path / f"out{threshold}"
+        run(plan(r), r, out, RunOptions(progress=False))
+        got = rows(out)
+        assert len(got) == 2 and all(x["status"] == status for x in got), got
+        if status == "failed":
+            assert all(x["error"].startswith("qc: classifier = ") for x in got)
+    assert "torchxrayvision" not in sys.modules
+
+
+def test_a_bad_torchscript_file_is_the_same_line_for_qc_and_eval(tmp_path):
+    from chexforge.evaluate import adherence, features
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    recipe = write(tmp_path, CLASSIFIER.replace("MODEL", str(junk)))
+    r = load_recipe(recipe)
+    lines = []
+    for load in (lambda: run(plan(r), r, tmp_path / "o", RunOptions(progress=False)),
+                 lambda: adherence.ScriptModel(junk, "--sex-model"),
+                 lambda: features.get_extractor(str(junk))):
+        with pytest.raises(UserError) as e:
+            load()
+        lines.append(e.value.line())
+    for line, what in zip(lines, ("qc model", "--sex-model", "--features")):
+        assert line.startswith(f"{junk}: {what}: not a loadable TorchScript file (") and "\n" not in line, line
+
+
 @pytest.mark.parametrize("rule, expect", [
     ("{check: sharpness, min: 0.1}", "recipe.yaml:5:15: qc.rules[0].check: expected 'finding_visible', 'mask_area'"),
     ("{check: not_blank, min: -0.1}", "recipe.yaml:5:31: qc.rules[0].min: expected greater than or equal to 0"),

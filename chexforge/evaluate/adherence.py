@@ -9,7 +9,6 @@ says {"available": false, "why": ...} naming the flag.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,9 @@ import pandas as pd
 import torch
 from scipy.stats import rankdata
 
+from ..contracts.model_files import XRV_WEIGHTS
 from ..errors import UserError
+from ..qc.models import load_torchscript
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -31,7 +32,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def findings_adherence(images: np.ndarray, labels: pd.DataFrame | None) -> dict:
-    from .features import load_xrv_densenet, xrv_features
+    from ..qc.models import load_xrv_densenet
+    from .features import xrv_features
 
     if labels is None:
         return {"available": False, "why": "the generated set has no requested findings (not a chexforge output folder)"}
@@ -52,7 +54,7 @@ def findings_adherence(images: np.ndarray, labels: pd.DataFrame | None) -> dict:
         per[vocab] = {"auroc": a, "positives": int((labels[vocab] == 1).sum())} if a is not None else \
             {"auroc": None, "why": "needs both requested-positive and requested-negative images"}
     vals = [v["auroc"] for v in per.values() if v["auroc"] is not None]
-    return {"available": True, "model": "torchxrayvision densenet121-res224-all", "per_finding": per,
+    return {"available": True, "model": f"torchxrayvision {XRV_WEIGHTS['xrv-densenet']}", "per_finding": per,
             "mean_auroc": float(np.mean(vals)) if vals else None}
 
 
@@ -70,19 +72,12 @@ DEFAULT_INPUT = 224
 
 
 class ScriptModel:
-    """A local TorchScript file, loaded on the CPU; a bad file is a UserError naming the flag."""
+    """A local TorchScript file, loaded on the CPU by chexforge/qc/models.py's one loader (a
+    missing or bad file is a UserError naming the flag)."""
 
     def __init__(self, path: str | Path, flag: str, needs_classes: bool = False):
         self.path, self.flag = Path(path).expanduser(), flag
-        if not self.path.is_file():
-            raise UserError(f"{flag}: no such model file (expected a local TorchScript file)", self.path)
-        try:
-            with warnings.catch_warnings():  # torch's deprecation notice of torch.jit is not the user's concern
-                warnings.simplefilter("ignore", FutureWarning)
-                self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 - any load failure is bad input, one line
-            msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
-            raise UserError(f"{flag}: not a loadable TorchScript file ({type(e).__name__}: {msg})", self.path) from None
+        self.net = load_torchscript(self.path, flag)
         size = getattr(self.net, "input_size", DEFAULT_INPUT)
         if not isinstance(size, int) or size < 8:
             raise UserError(f"{flag}: the model's input_size attribute must be an int ≥ 8, not {size!r}", self.path)

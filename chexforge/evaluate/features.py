@@ -4,6 +4,7 @@ Every extractor maps a batch of grayscale images (N×S×S float32 in [0, 1]) to 
 array, and loads only from local files: nothing is downloaded, ever (HF_HUB_OFFLINE semantics).
 
     xrv-densenet        torchxrayvision's DenseNet-121 ("all"), 1024-d, weights already on disk
+                        (loaded by chexforge/qc/models.py, as QC loads it)
     raddino=DIR         a local Hugging Face folder (RAD-DINO or any ViT/DINOv2), CLS token
     inception           the FID Inception-v3 of torch-fidelity (via torchmetrics), cached weights only
     PATH                a TorchScript file (takes N×1×S×S in [0, 1]) or a local HF model folder
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contracts.model_files import XRV_INPUT_SIZE
 from ..errors import UserError
+from ..qc.models import load_torchscript, load_xrv_densenet, xrv_scale, xrv_weights_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-XRV_DIR = Path("~/.torchxrayvision/models_data").expanduser()
-XRV_ALL = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 NAMES = ("xrv-densenet", "raddino=DIR", "inception", "PATH", "random")
 
@@ -85,48 +86,8 @@ def random_extractor(seed: int = 0) -> Extractor:
 
 
 def xrv_weights() -> Path | None:
-    p = XRV_DIR / XRV_ALL
-    return p if p.is_file() else None
-
-
-# The output order of torchxrayvision's "all" DenseNet (its model_urls["all"]["labels"]).
-XRV_LABELS = ("Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
-              "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
-              "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum")
-
-
-def xrv_densenet_architecture() -> nn.Module:
-    """torchxrayvision's DenseNet-121: torchvision's, with a one-channel stem and 18 outputs (the same
-    parameter names), so its state dict loads without importing torchxrayvision, whose model
-    dependencies chexforge does not install (it is installed --no-deps for its label files)."""
-    from torchvision.models import densenet121
-
-    model = densenet121(weights=None, num_classes=len(XRV_LABELS))
-    model.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
-
-
-def load_xrv_densenet() -> nn.Module:
-    """The DenseNet filled from the local weight file; nothing is downloaded. chexforge reads only
-    state dicts (torch.load weights_only=True); the released file is a pickled model, so it must be
-    converted once (the error says how)."""
-    path = xrv_weights()
-    if path is None:
-        raise UserError(f"torchxrayvision's DenseNet weights are not on disk: put {XRV_ALL} in {XRV_DIR} "
-                        "(chexforge never downloads)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError("a pickled model, not a state dict; convert it once with: python -c \"import torch; "
-                        f"torch.save(torch.load('{path}', weights_only=False).state_dict(), '{path}')\"", path) from None
-    model = xrv_densenet_architecture()
-    state = {k: v for k, v in state.items() if k not in ("op_threshs", "upsample")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"not torchxrayvision DenseNet-121 weights ({str(e).splitlines()[1].strip()[:160]})", path) from None
-    model.pathologies = list(XRV_LABELS)
-    return model.eval()
+    """The DenseNet's weights file when one is on this machine (`--features auto` asks)."""
+    return xrv_weights_file()
 
 
 def xrv_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,12 +96,13 @@ def xrv_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def xrv_input(x: torch.Tensor) -> torch.Tensor:
-    return _resize(x, 224) * 2048.0 - 1024.0  # torchxrayvision's [-1024, 1024] scale
+    return xrv_scale(_resize(x, XRV_INPUT_SIZE))  # torchxrayvision's [-1024, 1024] at 224 px
 
 
 def xrv_extractor() -> Extractor:
+    """chexforge/qc/models.py's one loader (a state dict; never torchxrayvision's code)."""
     model = load_xrv_densenet()
-    return Extractor("xrv-densenet", True, f"torchxrayvision DenseNet-121 'all', 1024-d ({XRV_DIR / XRV_ALL})",
+    return Extractor("xrv-densenet", True, f"torchxrayvision DenseNet-121 'all', 1024-d ({xrv_weights_file()})",
                      lambda x: xrv_features(model, x))
 
 
@@ -198,10 +160,7 @@ def inception_extractor() -> Extractor:
 def path_extractor(path: Path) -> Extractor:
     if path.is_dir():
         return hf_extractor(path, str(path))
-    try:
-        net = torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as e:
-        raise UserError(f"not a TorchScript file ({str(e).splitlines()[0] if str(e) else type(e).__name__})", path) from None
+    net = load_torchscript(path, "--features")
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         y = net(x)

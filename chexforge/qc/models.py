@@ -1,13 +1,137 @@
-"""Image classifiers that QC rules run: torchxrayvision's DenseNet or a local TorchScript file."""
+"""The model loaders, one per model kind, and the classifier that QC rules run.
+
+QC here and `chexforge eval` (features, adherence) load every model through these two:
+
+- `load_xrv_densenet`: torchxrayvision's DenseNet-121 "all" (`xrv-densenet`). The network is
+  torchvision's DenseNet-121 with a one-channel stem and 18 outputs: the same parameter names
+  and the same arithmetic as torchxrayvision's class, so its state dict loads strictly. The
+  weights are read with `torch.load(weights_only=True)`; torchxrayvision is never imported
+  (chexforge installs it --no-deps, for its label files). Its released file is a pickled whole
+  model, which only an unsafe load can read: the error says how to convert it once.
+- `load_torchscript`: a local TorchScript file, with one error handling for every flag and rule.
+
+torch is imported inside the functions, so the QC rules import this module without it.
+"""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..contracts.model_files import XRV_MODELS, XRV_WEIGHTS
+from ..contracts.model_files import (
+    XRV_INPUT_SIZE,
+    XRV_LABELS,
+    XRV_MODELS,
+    XRV_OP_THRESHS,
+    model_file,
+    xrv_files,
+    xrv_missing,
+)
 from ..errors import UserError
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:limit]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# ---- TorchScript --------------------------------------------------------------------------------
+
+
+def load_torchscript(path: str | Path, what: str, device: str = "cpu") -> Any:
+    """A local TorchScript file, in eval mode on `device`; a missing or bad file is one UserError
+    line starting with `what` (the flag or rule that named it)."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what}: no such model file (expected a local TorchScript file)", path)
+    try:
+        with warnings.catch_warnings():  # torch's deprecation notice of torch.jit is not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location=device)
+    except Exception as e:  # noqa: BLE001 - any load failure is bad input, one line
+        raise UserError(f"{what}: not a loadable TorchScript file ({_first_line(e)})", path) from None
+    return net.eval()
+
+
+# ---- torchxrayvision's DenseNet-121 -------------------------------------------------------------
+
+
+def xrv_densenet_architecture() -> Any:
+    """torchxrayvision's DenseNet-121 (untrained): torchvision's, one-channel stem, 18 outputs."""
+    from torch import nn
+    from torchvision.models import densenet121
+
+    model = densenet121(weights=None, num_classes=len(XRV_LABELS))
+    model.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def xrv_weights_file(spec: str = "xrv-densenet") -> Path | None:
+    """The weights file `load_xrv_densenet` reads, or None when none is on this machine."""
+    path = model_file(spec, None)
+    return path if path.is_file() else None
+
+
+def load_xrv_densenet(device: str = "cpu", spec: str = "xrv-densenet") -> Any:
+    """The DenseNet filled from the local state dict, in eval mode, with `pathologies` (its
+    output order); nothing is downloaded, nothing is unpickled beyond tensors."""
+    import pickle
+
+    import torch
+
+    path = xrv_weights_file(spec)
+    if path is None:
+        raise UserError(xrv_missing(spec))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # a damaged pickle, not a refused one
+            raise UserError(f"not a PyTorch weights file ({_first_line(e)})", path) from None
+        # weights_only refused a class: torchxrayvision's released file is a pickled whole model.
+        raise UserError(
+            f"a pickled model ({found.group(1)}), not a state dict; chexforge reads weights only (torch.load "
+            f"weights_only=True). Convert it once where `import torchxrayvision` works (pip install torchxrayvision): "
+            f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False).state_dict(), "
+            f"'{xrv_files(spec)[0]}')\"", path) from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is bad input, one line
+        raise UserError(f"not a PyTorch weights file ({_first_line(e)})", path) from None
+    if not isinstance(state, dict):
+        raise UserError(f"not a state dict (a {type(state).__name__})", path)
+    # torchxrayvision keeps its operating points as a buffer once its loader set them; they are data here.
+    state = {k: v for k, v in state.items() if k not in ("op_threshs", "upsample")}
+    model = xrv_densenet_architecture()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problems = [x.strip() for x in str(e).splitlines()[1:] if x.strip()] or [str(e)]
+        raise UserError(f"not torchxrayvision DenseNet-121 weights ({problems[0][:160]})", path) from None
+    model.pathologies = list(XRV_LABELS)
+    return model.to(device).eval()
+
+
+def xrv_scale(x: Any) -> Any:
+    """Images in [0, 1] → torchxrayvision's [-1024, 1024]."""
+    return x * 2048.0 - 1024.0
+
+
+def op_norm(p: np.ndarray, threshs: tuple[float, ...] = XRV_OP_THRESHS) -> np.ndarray:
+    """torchxrayvision's `op_norm`: sigmoid outputs (N, K) mapped piecewise linearly so each
+    label's operating point becomes 0.5 (0 → 0, 1 → 1); a NaN threshold gives 0.5."""
+    t = np.broadcast_to(np.asarray(threshs, np.float64), p.shape)
+    p = np.asarray(p, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(p < t, p / (t * 2), 1.0 - (1.0 - p) / ((1.0 - t) * 2))
+    return np.where(np.isnan(t), 0.5, out)
+
+
+# ---- the QC classifier --------------------------------------------------------------------------
 
 
 class Classifier:
@@ -18,32 +142,26 @@ class Classifier:
 
         self.torch, self.device = torch, device
         self.xrv = spec in XRV_MODELS
-        if spec in XRV_MODELS:
-            try:
-                import torchxrayvision as xrv
-            except Exception as e:  # noqa: BLE001 - a broken install is bad input, one line
-                raise UserError(f"qc model {spec}: torchxrayvision cannot be imported ({type(e).__name__}: {e})") from None
-            # The weights file is already in xrv's cache (checked before), so this loads it and downloads nothing.
-            self.net = xrv.models.DenseNet(weights=XRV_WEIGHTS[spec])
-            self.labels = [str(p) for p in self.net.pathologies]
+        if self.xrv:
+            self.net = load_xrv_densenet(device, spec)
+            self.labels = list(XRV_LABELS)
         else:
-            try:
-                self.net = torch.jit.load(str(path), map_location=device)
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"cannot load the TorchScript qc model ({type(e).__name__}: {e})", path) from None
+            self.net = load_torchscript(path, "qc model", device)
             self.labels = [str(p) for p in getattr(self.net, "pathologies", [])]
-        self.net = self.net.to(device).eval()
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         torch = self.torch
         with torch.no_grad():
             x = torch.from_numpy(np.stack(images)[:, None].astype(np.float32)).to(self.device)
             # TorchScript models take [0, 1] at their `input_size` (as `chexforge eval` feeds them);
-            # torchxrayvision's DenseNet its own range [-1024, 1024] at 224 px.
-            size = 224 if self.xrv else int(getattr(self.net, "input_size", 224))
+            # torchxrayvision's DenseNet its own range [-1024, 1024] at 224 px, and its outputs are
+            # its forward's: sigmoid, then the operating-point normalisation (0.5 = its threshold).
+            size = XRV_INPUT_SIZE if self.xrv else int(getattr(self.net, "input_size", 224))
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            y = self.net(x * 2048.0 - 1024.0 if self.xrv else x)
+            y = self.net(xrv_scale(x) if self.xrv else x)
             y = y.float().reshape(len(images), -1).cpu().numpy()
+        if self.xrv:
+            return op_norm(1.0 / (1.0 + np.exp(-y.astype(np.float64))))
         if y.min() < 0 or y.max() > 1:  # logits
             y = 1.0 / (1.0 + np.exp(-y))
         return y

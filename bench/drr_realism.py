@@ -84,12 +84,12 @@ def normal_jobs(n: int, size: int) -> list[dict]:
 
 def render_stats(backend: DRRBackend, jobs: list[dict], grid: int) -> tuple[list[dict], list[dict]]:
     """Per job: size statistics, and shape statistics of its lung fields on a `grid`² grid."""
-    abdomen = realism.abdomen_slabs(backend.phantom)
-    abdomen.data = abdomen.data.to(backend.device)
+    scene = backend.scene_for(jobs[0])  # one CT, one size and view: the scene of every job
+    abdomen = realism.abdomen_slabs(scene.phantom)
     sizes, shapes = [], []
     for job in jobs:
-        s = backend.render(job)
-        field = realism.field_masks(backend, s, abdomen)
+        s = backend.render(job, scene=scene)
+        field = realism.field_masks(scene, s, abdomen, backend.options.projector)
         sizes.append(realism.size_stats(s.masks, field, s.meta))
         left, right = (resample(field[f"lung_{k}"], grid) for k in ("left", "right"))
         shapes.append(realism.shape_stats(left, right))
@@ -169,7 +169,7 @@ def main() -> None:
     a = p.parse_args()
     print(f"machine: {machine()}")
     t0 = time.perf_counter()
-    backend = DRRBackend(DRROptions(variation=a.variation), size=a.size)
+    backend = DRRBackend(DRROptions(variation=a.variation))
     with torch.no_grad():
         sizes, shapes = render_stats(backend, normal_jobs(a.n, a.size), a.grid)
     print(f"rendered and measured {a.n} normal PA radiographs at {a.size}² in {time.perf_counter() - t0:.1f} s")

@@ -22,7 +22,7 @@ def render(backend, size: int = 128, **kw):
 
 def test_joseph_matches_diffdrr_trilinear(drr64):
     """Our projector and diffdrr's renderer give the same line integrals on the same rays."""
-    ph = drr64.phantom
+    ph = drr64.scene_for(job(size=64)).phantom
     geom = canonical_geometry("PA", 64, ph)
     src, tgt = geom.rays()
     vox = torch.from_numpy(np.linalg.inv(ph.affine)) @ torch.from_numpy(np.linalg.inv(geom.patient_matrix()))
@@ -41,6 +41,19 @@ def test_same_seed_same_pixels_other_seed_differs(drr128):
     assert np.array_equal(a.image, b.image)
     assert not np.array_equal(a.image, c.image)
     assert a.image.dtype == np.float32 and a.image.min() >= 0 and a.image.max() <= 1
+
+
+def test_size_and_detail_level_come_from_each_job(drr128):
+    """One backend renders each job at its own size, the CT at the detail level of that size;
+    identity() stays the run's and a job's pixels do not depend on the jobs rendered before."""
+    identity = drr128.identity()
+    small = render(drr128, size=64, seed=2)
+    big = render(drr128, size=256, seed=2)
+    assert small.image.shape == (64, 64) and big.image.shape == (256, 256)
+    # The bundled CT is 0.7 mm in-plane: 2.8 mm voxels for 64 px, 1.4 mm for 256 px (ct.choose_level).
+    assert (small.meta["level"], big.meta["level"]) == (2, 1) and small.meta["ct"] == "bundled"
+    assert drr128.identity() == identity and "level" not in identity["sampler"]
+    assert np.array_equal(render(drr128, size=64, seed=2).image, small.image)
 
 
 @pytest.mark.parametrize("view", ["PA", "AP"])
@@ -147,6 +160,5 @@ def test_renders_at_512():
     from chexforge.backends.drr.backend import DRRBackend
     from chexforge.backends.drr.options import DRROptions
 
-    b = DRRBackend(DRROptions(), size=512)
-    s = b.generate([job(size=512, seed=2, Nodule=1)])[0]
-    assert s.image.shape == (512, 512) and s.masks["Nodule"].any()
+    s = DRRBackend(DRROptions()).generate([job(size=512, seed=2, Nodule=1)])[0]
+    assert s.image.shape == (512, 512) and s.masks["Nodule"].any() and s.meta["level"] == 0

@@ -3,7 +3,6 @@ the requested side, on the right anatomy; impossible requests fail loudly; all d
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from chexforge.backends.drr.findings import Inserter
+from chexforge.backends.drr.findings import Inserter, PlacementError
 from chexforge.backends.drr.findings_place import RENDERED, JobScene
 from chexforge.backends.drr.geometry import sample_geometry
 from chexforge.backends.drr.project import Slabs, joseph
@@ -24,10 +23,13 @@ CHEXPERT = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Op
             "Support Devices")
 
 
-def render(backend, **kw):
-    s = backend.generate([job(**kw)])[0]
-    assert s.error is None, s.error
-    return s
+def render(backend, device_kinds=None, **kw):
+    """The job made of `kw`; `device_kinds` names its support devices (else they are drawn)."""
+    return backend.render(job(**kw), device_kinds=device_kinds)
+
+
+def phantom(backend):
+    return backend.scene_for(job()).phantom
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +53,14 @@ CASES = [
     ("Pleural Other", {"Pleural Other.laterality": "right", "Pleural Other.severity": "moderate"}, +1, "right"),
     ("Fracture", {"Fracture.laterality": "right"}, 0, "right"),
     ("Fracture", {"Fracture.laterality": "left"}, 0, "left"),
-    ("Support Devices", {"Support Devices.devices": "ett"}, +1, "middle"),
-    ("Support Devices", {"Support Devices.devices": "cvc,pacemaker"}, +1, None),
+    ("Support Devices", {"device_kinds": ("ett",)}, +1, "middle"),
+    ("Support Devices", {"device_kinds": ("cvc", "pacemaker")}, +1, None),
 ]
 
 
-@pytest.mark.parametrize("name,attrs,sign,where", CASES, ids=[f"{c[0]}-{'-'.join(c[1].values())}" for c in CASES])
+@pytest.mark.parametrize("name,attrs,sign,where", CASES,
+                         ids=[f"{c[0]}-{'-'.join(v if isinstance(v, str) else '+'.join(v) for v in c[1].values())}"
+                              for c in CASES])
 def test_finding_changes_the_image_where_its_mask_says(drr128, base, name, attrs, sign, where):
     normal, other_noise = base
     ill = render(drr128, seed=SEED, **{name: 1}, **attrs)
@@ -117,13 +121,14 @@ def test_every_chexpert_label_is_registered_and_planned():
 
 def test_pneumothorax_rim_is_air_and_the_lung_collapsed(drr128, base):
     normal, _ = base
-    ins = Inserter(drr128.phantom)
+    ph = phantom(drr128)
+    ins = Inserter(ph)
     scene = JobScene(ins)
     from chexforge.backends.drr import findings_pleura
 
     ptx = findings_pleura.pneumothorax(ins, scene, "right", "large", np.random.default_rng(0))
     rim, kept = ptx.label.numpy(), ptx.beyond.numpy()
-    mu0 = drr128.phantom.mu.numpy()[ptx.box]
+    mu0 = ph.mu.numpy()[ptx.box]
     assert rim.sum() > 1000 and np.all(ptx.mu.numpy()[rim] == 0)  # pure air: no lung markings
     assert ptx.mu.numpy()[kept].mean() > 1.3 * mu0[kept].mean()  # the collapsed lung is denser
     s = render(drr128, seed=SEED, Pneumothorax=1, **{"Pneumothorax.laterality": "right", "Pneumothorax.severity": "large"})
@@ -139,7 +144,7 @@ def test_pneumothorax_rim_is_air_and_the_lung_collapsed(drr128, base):
 def test_fracture_is_on_a_rib_of_the_requested_side(drr128):
     from chexforge.backends.drr import findings_fracture
 
-    ph = drr128.phantom
+    ph = phantom(drr128)
     ins = Inserter(ph)
     for seed in range(4):
         f = findings_fracture.rib_fracture(ins, JobScene(ins), "left", np.random.default_rng(seed))
@@ -152,8 +157,9 @@ def test_fracture_is_on_a_rib_of_the_requested_side(drr128):
 
 
 def test_support_devices_follow_the_anatomy(drr128):
-    ph = drr128.phantom
-    s = render(drr128, seed=SEED, **{"Support Devices": 1, "Support Devices.devices": "ett,cvc,pacemaker"})
+    scene = drr128.scene_for(job())
+    ph = scene.phantom
+    s = render(drr128, seed=SEED, device_kinds=("ett", "cvc", "pacemaker"), **{"Support Devices": 1})
     ett, cvc, pacer = s.meta["findings"]
     assert [f["device"] for f in (ett, cvc, pacer)] == ["endotracheal tube", "central venous catheter", "pacemaker"]
     assert 30 <= ett["tip_above_carina_mm"] <= 60
@@ -163,9 +169,9 @@ def test_support_devices_follow_the_anatomy(drr128):
     lowest = np.argwhere(svc)[:, 2].min() * ph.spacing[2] + ph.affine[2, 3]
     assert abs(cvc["tip_mm"][2] - lowest) < 25  # lower SVC to the cavo-atrial junction
     # The ETT's mask lies over the trachea's projection (same rays as the render).
-    s = render(drr128, seed=SEED, **{"Support Devices": 1, "Support Devices.devices": "ett"})
+    s = render(drr128, seed=SEED, device_kinds=("ett",), **{"Support Devices": 1})
     geom = sample_geometry("PA", 128, job(seed=SEED), ph, np.random.default_rng(SEED), drr128.options.variation)
-    src, tgt, lengths, _ = drr128._rays(geom)
+    src, tgt, lengths = scene.rays(geom)
     trachea = torch.from_numpy(ph.region(("trachea",)).astype(np.float32))
     over = joseph(Slabs.from_xyz(trachea, axis=1), src, tgt, lengths)[0].view(128, 128).numpy() > 0.5
     m = s.masks["Support Devices"].copy()
@@ -187,19 +193,22 @@ def test_masks_sit_on_the_anatomy(drr128, base):
 
 
 def test_impossible_requests_are_recorded_errors(drr128):
-    ph = drr128.phantom
-    broken = copy.copy(drr128)
-    no_left_ribs = {k: v for k, v in ph.structures.items() if not k.startswith("rib_left_")}
-    broken.inserter = Inserter(dataclasses.replace(ph, structures=no_left_ribs))
-    broken._use = lambda scene: None  # keep the stripped inserter for this job
-    for fields, words in [({"Fracture": 1, "Fracture.laterality": "left"}, "no left ribs"),
-                          ({"Fracture": 1, "Fracture.laterality": "bilateral"}, "one-sided"),
-                          ({"Support Devices": 1, "Support Devices.devices": "ecmo"}, "unknown support device")]:
-        s = broken.generate([job(seed=SEED, **fields)])[0]
-        assert s.error is not None and words in s.error, s.error
-        assert s.image.size == 0 and not s.masks and not s.boxes
-    s = broken.generate([job(seed=SEED, Fracture=1, **{"Fracture.laterality": "right"})])[0]
-    assert s.error is None and s.masks["Fracture"].any()
+    scene = drr128.scene_for(job(seed=SEED))
+    no_left_ribs = {k: v for k, v in scene.phantom.structures.items() if not k.startswith("rib_left_")}
+    # The same patient with its left ribs unlabelled, handed to render as the job's scene.
+    stripped = dataclasses.replace(scene, inserter=Inserter(dataclasses.replace(scene.phantom, structures=no_left_ribs)),
+                                   frontal_ctr={})
+    for fields, how, words in [({"Fracture": 1, "Fracture.laterality": "left"}, {"scene": stripped}, "no left ribs"),
+                               ({"Fracture": 1, "Fracture.laterality": "bilateral"}, {}, "one-sided"),
+                               ({"Support Devices": 1}, {"device_kinds": ("ecmo",)}, "unknown support device")]:
+        with pytest.raises(PlacementError, match=words):
+            drr128.render(job(seed=SEED, **fields), **how)
+    # generate() turns a placement error into the job's recorded failure.
+    s = drr128.generate([job(seed=SEED, Fracture=1, **{"Fracture.laterality": "bilateral"})])[0]
+    assert s.error is not None and "one-sided" in s.error, s.error
+    assert s.image.size == 0 and not s.masks and not s.boxes
+    s = drr128.render(job(seed=SEED, Fracture=1, **{"Fracture.laterality": "right"}), scene=stripped)
+    assert s.masks["Fracture"].any()
 
 
 def test_same_seed_same_findings(drr128):

@@ -87,13 +87,14 @@ def test_library_skips_what_is_not_a_whole_chest(library):
 
 
 def test_patients_are_drawn_per_job_and_recorded(library):
-    b = DRRBackend(DRROptions(ct_library=str(library)), size=64)
+    b = DRRBackend(DRROptions(ct_library=str(library)))
+    identity = b.identity()
     samples = b.generate([job(size=64, seed=s, job_id=f"{s:016x}") for s in range(8)])
     assert all(s.error is None for s in samples)
     ct = [s.meta["ct"] for s in samples]
     assert {c.rsplit("/", 1)[-1] for c in ct} == {"s0001", "s0002"}
     # The same job renders the same patient and pixels on a fresh backend (another worker).
-    again = DRRBackend(DRROptions(ct_library=str(library)), size=64).generate([job(size=64, seed=5, job_id="5")])[0]
+    again = DRRBackend(DRROptions(ct_library=str(library))).generate([job(size=64, seed=5, job_id="5")])[0]
     assert again.meta["ct"] == samples[5].meta["ct"] and np.array_equal(again.image, samples[5].image)
     # Patients differ: the narrower one has narrower lungs on the film.
     width = {}
@@ -101,7 +102,10 @@ def test_patients_are_drawn_per_job_and_recorded(library):
         cols = np.nonzero(s.masks["lungs"].any(0))[0]
         width.setdefault(s.meta["ct"].rsplit("/", 1)[-1], []).append(cols.max() - cols.min())
     assert np.mean(width["s0002"]) < 0.95 * np.mean(width["s0001"])
-    assert b.identity()["model"] == f"ct-library:{library.name}"
+    # The run's identity names the library, whichever patients the jobs drew; each job's CT and
+    # detail level are in its meta.
+    assert b.identity() == identity and identity["model"] == f"ct-library:{library.name}"
+    assert all(s.meta["level"] == 2 for s in samples)  # 1.2-1.4 mm voxels, 64 px: 4x coarser
 
 
 def test_a_library_without_chests_is_one_clear_error(tmp_path, library):
@@ -110,12 +114,12 @@ def test_a_library_without_chests_is_one_clear_error(tmp_path, library):
     for name in ("s0003", "s0004"):
         shutil.copytree(library / name, tmp_path / name)
     with pytest.raises(UserError, match="no usable chest CT"):
-        DRRBackend(DRROptions(ct_library=str(tmp_path)), size=64)
+        DRRBackend(DRROptions(ct_library=str(tmp_path)))
     with pytest.raises(UserError, match="folder of CT subject folders"):
-        DRRBackend(DRROptions(ct_library=str(tmp_path / "s0003" / "structures.csv")), size=64)
+        DRRBackend(DRROptions(ct_library=str(tmp_path / "s0003" / "structures.csv")))
     (tmp_path / "empty" / "notes").mkdir(parents=True)
     with pytest.raises(UserError, match="no subject folders with a ct.nii.gz"):
-        DRRBackend(DRROptions(ct_library=str(tmp_path / "empty")), size=64)
+        DRRBackend(DRROptions(ct_library=str(tmp_path / "empty")))
 
 
 def test_lateral_view_faces_the_viewers_left(drr128):
@@ -140,3 +144,12 @@ def test_lateral_findings_keep_exact_masks(drr128):
     assert m.any() and m.mean() < 0.25
     diff = np.abs(s.image - base.image)
     assert diff[m].mean() > 3 * diff[~m].mean()
+
+
+def test_lateral_cardiomegaly_aims_at_the_frontal_ratio(drr128):
+    """A lateral film has no cardiothoracic ratio of its own: the enlargement is sized from the
+    patient's canonical PA film of the job's size."""
+    s = drr128.render(job(view="LL", seed=5, Cardiomegaly=1, **{"Cardiomegaly.severity": "large"}))
+    (fact,) = s.meta["findings"]
+    assert s.meta["ctr"] is None and s.masks["Cardiomegaly"].any()
+    assert 0.62 <= fact["ctr_target"] <= 0.68 and max(fact["heart_scale"]) > 1.1

@@ -20,12 +20,13 @@ SEEDS = range(8)
 @pytest.fixture(scope="module")
 def normals(drr128):
     """Size statistics of 8 rendered normal PA radiographs (women and men, 25-75 years)."""
-    abdomen = realism.abdomen_slabs(drr128.phantom)
-    abdomen.data = abdomen.data.to(drr128.device)
+    scene = drr128.scene_for(job())  # one CT, one size: every job below renders on this scene
+    abdomen = realism.abdomen_slabs(scene.phantom)
     out = []
     for seed in SEEDS:
-        s = drr128.render(job(seed=seed, sex="F" if seed % 2 else "M", age=25 + 7 * seed))
-        out.append(realism.size_stats(s.masks, realism.field_masks(drr128, s, abdomen), s.meta))
+        s = drr128.render(job(seed=seed, sex="F" if seed % 2 else "M", age=25 + 7 * seed), scene=scene)
+        field = realism.field_masks(scene, s, abdomen, drr128.options.projector)
+        out.append(realism.size_stats(s.masks, field, s.meta))
     return out
 
 

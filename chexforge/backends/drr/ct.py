@@ -193,11 +193,25 @@ def _structures(path: Path) -> dict[str, int]:
         raise UserError("expected columns structure,id with integer ids", path) from None
 
 
-def _digest(ct: Path, labels: Path, level: int) -> str:
+def source_digest(source: str = "bundled") -> str:
+    """A digest of the CT's files (paths, sizes, times) and of the preparation's version, the
+    same at every detail level: what identifies the CT of a run whose jobs may differ in level."""
+    h = _files_hash(*_paths(source)[:2])
+    h.update(f"v={CACHE_VERSION}".encode())
+    return h.hexdigest()
+
+
+def _files_hash(ct: Path, labels: Path):
     h = hashlib.blake2b(digest_size=8)
     for p in [ct, *(sorted(labels.glob("*.nii.gz")) if labels.is_dir() else [labels])]:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h
+
+
+def _digest(ct: Path, labels: Path, level: int) -> str:
+    """The prepared volume's cache key: its files, detail level and preparation version."""
+    h = _files_hash(ct, labels)
     h.update(f"level={level}|v={CACHE_VERSION}".encode())
     return h.hexdigest()
 

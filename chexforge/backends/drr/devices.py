@@ -14,11 +14,14 @@ with partial-volume edges (so a 2 mm lead in 1.4 mm voxels keeps its line integr
   appendage for dual-chamber), moved with the heart when it is enlarged.
 Attenuation at ~60 keV (1/mm): PVC 0.03, barium-loaded plastic 0.12-0.3, lead coils 0.35,
 generator 0.1 (titanium can over battery and circuit).
-`Support Devices.devices` in a job (e.g. "ett,cvc") picks the devices; otherwise each is drawn
-(ETT 45 %, CVC 60 %, pacemaker 35 %, at least one). Mask and box: one per device.
+Each device is drawn from the job's seed (ETT 45 %, CVC 60 %, pacemaker 35 %, at least one),
+unless the caller names them: `DRRBackend.render(job, device_kinds=("ett", "cvc"))` (tests and
+the contact sheet do; a job row has no such field). Mask and box: one per device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -32,10 +35,10 @@ CHANCE = {"ett": 0.45, "cvc": 0.6, "pacemaker": 0.35}
 MU = {"pvc": 0.035, "stripe": 0.4, "catheter": 0.1, "lead": 0.22, "electrode": 0.35, "can": 0.2, "header": 0.04}
 
 
-def support_devices(ins: Inserter, scene, wanted: str | None, rng: np.random.Generator) -> list[Insertion]:
+def support_devices(ins: Inserter, scene, kinds: Sequence[str] | None, rng: np.random.Generator) -> list[Insertion]:
+    """The devices named in `kinds` (of KINDS), else drawn: each with its CHANCE, at least one."""
     makers = {"ett": _ett, "cvc": _cvc, "pacemaker": _pacemaker}
-    if wanted:
-        kinds = [k.strip().lower() for k in str(wanted).split(",") if k.strip()]
+    if kinds:
         bad = [k for k in kinds if k not in makers]
         if bad:
             raise PlacementError(f"unknown support device {', '.join(bad)}; known: {', '.join(KINDS)}")

@@ -12,6 +12,7 @@ voxels (`resolve_overlaps`): a mask is always the projection of what the volume 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -90,10 +91,11 @@ def sides(job: dict[str, Any], finding: str, rng: np.random.Generator, both: boo
     return (lat,)
 
 
-def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator,
-                   ctr_now: float | None = None) -> list[Insertion]:
-    """All of a job's findings as insertions. `ctr_now`: the cardiothoracic ratio of the normal
-    projection (needed for Cardiomegaly)."""
+def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator, ctr_now: float | None = None,
+                   device_kinds: Sequence[str] | None = None) -> list[Insertion]:
+    """All of a job's findings as insertions into the patient of `ins`. `ctr_now`: the
+    cardiothoracic ratio of the normal projection (needed for Cardiomegaly); `device_kinds`:
+    the support devices to place (default: drawn, devices.py)."""
     scene = JobScene(ins)
     for finding in ORDER:
         if not job.get(finding):
@@ -132,7 +134,7 @@ def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator,
             for side in sides(job, finding, rng, both=False):
                 scene.add(findings_fracture.rib_fracture(ins, scene, side, rng))
         elif finding == "Support Devices":
-            scene.add(devices.support_devices(ins, scene, job.get("Support Devices.devices"), rng))
+            scene.add(devices.support_devices(ins, scene, device_kinds, rng))
     resolve_overlaps(scene.out)
     return scene.out
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+MASK_MM = 0.5  # a ray crossing a structure for at least this path length (mm) is inside its mask
+
 
 @dataclass
 class Slabs:
@@ -94,3 +96,11 @@ def diffdrr_trilinear(volume_xyz: torch.Tensor, src_v: torch.Tensor, tgt_v: torc
     img = lengths.float()[None, None]
     out = Trilinear()(volume_xyz.float(), src_v.float()[None, None], tgt_v.float()[None], img, n_points=n_points)
     return out[0]
+
+
+def project(slabs: Slabs, src_v: torch.Tensor, tgt_v: torch.Tensor, lengths: torch.Tensor,
+            projector: str = "joseph") -> torch.Tensor:
+    """Line integrals (C, N) of every channel with the chosen projector (DRROptions.projector)."""
+    if projector == "diffdrr":
+        return torch.cat([diffdrr_trilinear(slabs.xyz(c), src_v, tgt_v, lengths) for c in range(slabs.data.shape[1])])
+    return joseph(slabs, src_v, tgt_v, lengths)

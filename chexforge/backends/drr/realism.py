@@ -24,11 +24,10 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from .geometry import Geometry
-from .project import Slabs
+from .project import MASK_MM, Slabs, project
 
 ABDOMEN = ("liver", "spleen", "stomach", "pancreas", "gallbladder", "duodenum", "small_bowel", "colon",
            "kidney_left", "kidney_right", "adrenal_gland_left", "adrenal_gland_right")
-MASK_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -70,22 +69,20 @@ def geometry_from_meta(meta: dict) -> Geometry:
     return Geometry(**{f.name: tuple(g[f.name]) if isinstance(g[f.name], list) else g[f.name] for f in fields(Geometry)})
 
 
-def field_masks(backend, sample, abdomen: Slabs | None = None) -> dict[str, np.ndarray]:
+def field_masks(scene, sample, abdomen: Slabs | None = None, projector: str = "joseph") -> dict[str, np.ndarray]:
     """The projected lungs of `sample` above the diaphragm (largest piece per lung, holes filled).
 
-    Call right after `backend.render(job)` (the backend then holds that job's CT); `abdomen`
-    (from `abdomen_slabs`) saves rebuilding the abdomen volume for each image of one CT.
+    `scene`: the one `sample` was rendered on (`DRRBackend.scene_for(job)`); `abdomen` (from
+    `abdomen_slabs(scene.phantom)`) saves rebuilding the abdomen volume for each image of one CT;
+    `projector`: the backend's (DRROptions.projector), so both masks come from the same rays.
     """
     if abdomen is None:
-        abdomen = abdomen_slabs(backend.phantom)
-    abdomen.data = abdomen.data.to(backend.device)
+        abdomen = abdomen_slabs(scene.phantom)
+    abdomen.data = abdomen.data.to(scene.device)
     geom = geometry_from_meta(sample.meta)
-    src, tgt, lengths, _ = backend._rays(geom)
-    below = (backend._project(abdomen, src, tgt, lengths)[0].view(geom.size, geom.size) > MASK_MM).cpu().numpy()
-    out = {}
-    for side in ("left", "right"):
-        out[f"lung_{side}"] = largest(sample.masks[f"lung_{side}"] & ~below)
-    return out
+    below = (project(abdomen, *scene.rays(geom), projector=projector)[0].view(geom.size, geom.size) > MASK_MM)
+    below = below.cpu().numpy()
+    return {f"lung_{side}": largest(sample.masks[f"lung_{side}"] & ~below) for side in ("left", "right")}
 
 
 def largest(mask: np.ndarray) -> np.ndarray:

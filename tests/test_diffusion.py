@@ -78,6 +78,20 @@ def test_same_seed_same_image_whatever_the_batch(tiny_model, sampler):
     assert np.abs(other[0] - alone[0]).max() > 1e-3
 
 
+def test_a_batch_of_mixed_sizes_renders_each_job_at_its_size(tiny_model):
+    """One sampling call per size; results in job order, each job as it renders alone."""
+    from chexforge.backends.diffusion.backend import DiffusionBackend
+    from chexforge.backends.diffusion.options import DiffusionOptions
+
+    backend = DiffusionBackend(DiffusionOptions(steps=3), model=tiny_model)
+    jobs = [{"job_id": str(i), "seed": i, "size": size, "sex": "F", "age": 50, "prompt": "PA chest radiograph."}
+            for i, size in enumerate([64, 32, 64, 32])]
+    mixed = backend.generate(jobs)
+    assert [s.job_id for s in mixed] == ["0", "1", "2", "3"]
+    assert [s.image.shape for s in mixed] == [(64, 64), (32, 32), (64, 64), (32, 32)]
+    np.testing.assert_allclose(backend.generate(jobs[1:2])[0].image, mixed[1].image, atol=1e-4)
+
+
 def test_guidance_scales_change_the_result(tiny_model):
     pipe = ChexforgePipeline.load(tiny_model)
     with torch.no_grad():  # make the control branch do something
@@ -240,4 +254,4 @@ def test_not_a_model_folder_is_one_line(tmp_path):
     from chexforge.backends.diffusion.options import DiffusionOptions
 
     with pytest.raises(UserError, match="no model_index.json"):
-        DiffusionBackend(DiffusionOptions(), 64, model=tmp_path)
+        DiffusionBackend(DiffusionOptions(), model=tmp_path)

@@ -25,11 +25,11 @@ from .options import DiffusionOptions
 class DiffusionBackend:
     name = "diffusion"
 
-    def __init__(self, options: DiffusionOptions, size: int = 256, model: str | Path | None = None, **_: Any):
+    def __init__(self, options: DiffusionOptions, *, model: str | Path | None = None, **_: Any):
+        # Extra arguments (the runtime's `size`) are ignored: each job states its own size.
         if model is None:
             raise UserError("the diffusion backend needs `model: PATH` (a local model folder)")
         self.options = options
-        self.size = size
         self.folder = Path(model)
         self.device = torch_device(options.device)
         self.autocast = options.dtype == "bf16" or (options.dtype == "auto" and self.device.type == "cuda")
@@ -61,8 +61,15 @@ class DiffusionBackend:
                 "model_hash": self.model_hash, "sampler": sampler}
 
     def generate(self, jobs: list[dict[str, Any]]) -> list[Sample]:
+        """Each job at its own size: one sampling call per size in the batch, results in job order."""
+        done: dict[int, Sample] = {}
+        for size, where in _by_size(jobs).items():
+            done.update(zip(where, self._generate([jobs[i] for i in where], size)))
+        return [done[i] for i in range(len(jobs))]
+
+    def _generate(self, jobs: list[dict[str, Any]], size: int) -> list[Sample]:
+        """Jobs of one size, sampled together."""
         generators = [torch.Generator().manual_seed(int(j["seed"]) & 0x7FFF_FFFF_FFFF_FFFF) for j in jobs]
-        size = int(jobs[0].get("size") or self.size)
         if self.kind == "chexforge":
             images, prompts, masks = self._guided(jobs, generators, size)
         else:
@@ -106,6 +113,14 @@ class DiffusionBackend:
             images = self.pipe(**kwargs).images
         images = np.asarray(images, dtype=np.float32)
         return images.mean(-1) if images.ndim == 4 else images
+
+
+def _by_size(jobs: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Job indices per image size, sizes in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(int(job["size"]), []).append(i)
+    return groups
 
 
 def _layout_masks(job: dict[str, Any], size: int) -> dict[str, np.ndarray]:

@@ -20,9 +20,9 @@ from .options import SimulatedOptions
 class SimulatedBackend:
     name = "simulated"
 
-    def __init__(self, options: SimulatedOptions, size: int = 256, **_: Any):
+    def __init__(self, options: SimulatedOptions, **_: Any):
+        # Extra arguments (the runtime's `size`) are ignored: each job states its own size.
         self.options = options
-        self.size = size
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "simulated", "backend_version": __version__, "model": "simulated", "model_hash": "0" * 16,
@@ -41,7 +41,7 @@ class SimulatedBackend:
         return out
 
     def _sample(self, job: dict[str, Any]) -> Sample:
-        size = int(job.get("size") or self.size)
+        size = int(job["size"])
         rng = np.random.default_rng(int(job["seed"]))
         yy, xx = np.mgrid[0:size, 0:size] / size
         a, b, c = rng.uniform(2, 6, 3)

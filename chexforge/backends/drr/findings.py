@@ -255,7 +255,7 @@ class Inserter:
             v /= np.linalg.norm(v)
             bumps += rng.uniform(0.3, 1.0) * np.cos(rng.uniform(2, 5) * unit @ v + rng.uniform(0, 2 * np.pi))
         outline = radius * (1 + lobes * bumps / 3)
-        occ = _smoothstep((outline - r) / self.spacing.min() + 0.5)
+        occ = smoothstep((outline - r) / self.spacing.min() + 0.5)
         lung = self.cached(("lung_dilated", side), lambda: ndi.binary_dilation(self.ph.lungs[side], iterations=1))
         occ *= lung[_box(origin, stop)]
         if occ.sum() == 0:
@@ -326,12 +326,14 @@ class Inserter:
         hi = np.clip(np.ceil(hi).astype(int), lo + 1, shape)
         return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
 
-    _clip_box = clip_box
-
     def _mm_grid(self, origin, stop) -> np.ndarray:
         """(bx, by, bz, 3) patient-mm coordinates of each voxel of a box."""
         axes = [np.arange(o, s) * sp + t for o, s, sp, t in zip(origin, stop, self.spacing, self.ph.affine[:3, 3])]
         return np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+
+    def offsets_mm(self, origin, stop, point: np.ndarray) -> list[np.ndarray]:
+        """Broadcastable per-axis offsets (mm) of a box's voxels from the voxel position `point`."""
+        return [a + (o - p) * sp for a, o, p, sp in zip(self.axes_mm(origin, stop), origin, point, self.spacing)]
 
     def axes_mm(self, origin, stop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable (bx,1,1), (1,by,1), (1,1,bz) voxel-centre offsets in mm from the box origin."""
@@ -424,12 +426,10 @@ def _box(origin, stop) -> tuple[slice, slice, slice]:
     return tuple(slice(int(o), int(s)) for o, s in zip(origin, stop))  # type: ignore[return-value]
 
 
-def _smoothstep(x: np.ndarray) -> np.ndarray:
+def smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
 
-
-smoothstep = _smoothstep
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

@@ -88,8 +88,7 @@ def _break(ins: Inserter, name: str, side: str, c: np.ndarray, t: np.ndarray, rn
     box = tuple(slice(a, b) for a, b in zip(origin, stop))
     rib = ndi.binary_dilation(ins.ph.labels.numpy()[box] == ins.ph.structures[name], iterations=1)
     mu0 = ins.ph.mu.numpy()[box]
-    x, y, z = ins.axes_mm(origin, stop)
-    rel = [x + (origin[0] - c[0]) * sp[0], y + (origin[1] - c[1]) * sp[1], z + (origin[2] - c[2]) * sp[2]]
+    rel = ins.offsets_mm(origin, stop, c)
     s = rel[0] * t[0] + rel[1] * t[1] + rel[2] * t[2]  # mm along the rib from the site
     s, dist = np.broadcast_arrays(s, np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2))
     meta = {"rib": name, "site_mm": ins.ph.to_mm(c).round(1).tolist()}
@@ -149,8 +148,7 @@ def _haematoma(ins: Inserter, side: str, origin, c, occ, mu, rng, meta) -> None:
     thick, half = float(rng.uniform(4, 9)), float(rng.uniform(12, 22))
     here = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
     there = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, lung.origin))
-    x, y, z = ins.axes_mm(lo, hi)
-    rel = [x + (lo[0] - c[0]) * ins.spacing[0], y + (lo[1] - c[1]) * ins.spacing[1], z + (lo[2] - c[2]) * ins.spacing[2]]
+    rel = ins.offsets_mm(lo, hi, c)
     r = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2)
     depth = ins.pleural_mm(side)[there]
     lens = smoothstep((thick * np.clip(1 - (r / half) ** 2, 0, 1) - depth) / ins.spacing.min() + 0.5) * lung.mask[there]

@@ -109,7 +109,7 @@ def airspace(ins: Inserter, scene, finding: str, side: str, severity: str | None
     p = AIRSPACE[finding]
     sev = severity or "moderate"
     aer = scene.aerated(side)
-    depth = np.maximum(ins.pleural_mm(side) - scene.rim.get(side, 0), 0)
+    depth = scene.pleural_depth(side)
     occ = np.zeros(aer.mask.shape, np.float32)
     extent = np.zeros(aer.mask.shape, np.float32)  # the foci before their inner texture: the label
     tubes = np.zeros(aer.mask.shape, np.float32)
@@ -246,7 +246,7 @@ def _plates(ins: Inserter, scene, side: str, rng: np.random.Generator) -> Insert
     """Plate-like (discoid) atelectasis: 1-2 thin horizontal discs in the lower zone, reaching
     toward the pleura, which project as linear bands."""
     aer = scene.aerated(side)
-    depth = np.maximum(ins.pleural_mm(side) - scene.rim.get(side, 0), 0)
+    depth = scene.pleural_depth(side)
     lat, _, _ = ins.lung_frame(side)
     hz = (ins.hilum(side)[2] - aer.origin[2]) * ins.spacing[2]
     x, y, z = ins.axes_mm((0, 0, 0), aer.mask.shape)

@@ -45,6 +45,11 @@ class JobScene:
             return lung
         return Region(lung.origin, lung.stop, lung.mask & (self.ins.pleural_mm(side) >= self.rim[side]))
 
+    def pleural_depth(self, side: str) -> np.ndarray:
+        """Over the lung crop: distance (mm) to the pleura less a pneumothorax's rim, i.e. how deep
+        a voxel lies in the aerated lung as seen from the chest wall."""
+        return np.maximum(self.ins.pleural_mm(side) - self.rim.get(side, 0), 0)
+
     def depth(self, side: str) -> np.ndarray | None:
         """Distance (mm) to the aerated lung's surface over the whole volume (None: the lung's own)."""
         if side not in self.rim:
@@ -102,12 +107,7 @@ def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator,
             continue
         severity = job.get(severity_column(finding))
         if finding == "Cardiomegaly":
-            lo, hi = CTR_TARGET[severity or "moderate"]
-            target = float(rng.uniform(lo, hi))
-            item = ins.enlarged_heart(max(1.0, target / max(ctr_now or 0.0, 1e-3)))
-            item.meta["ctr_target"] = round(target, 3)
-            scene.heart = (np.array(item.meta.pop("heart_center")), np.array(item.meta["heart_scale"]))
-            scene.add(item)
+            scene.add(_enlarged_heart(ins, scene, severity, rng, ctr_now))
         elif finding == "Effusion":
             for side in sides(job, finding, rng):
                 scene.add(ins.effusion(side, severity, rng))
@@ -137,6 +137,18 @@ def place_findings(ins: Inserter, job: dict[str, Any], rng: np.random.Generator,
             scene.add(devices.support_devices(ins, scene, device_kinds, rng))
     resolve_overlaps(scene.out)
     return scene.out
+
+
+def _enlarged_heart(ins: Inserter, scene: JobScene, severity: str | None, rng: np.random.Generator,
+                    ctr_now: float | None) -> Insertion:
+    """The heart scaled from the normal ratio `ctr_now` toward a target drawn for the severity;
+    later findings (a pacemaker's leads) follow the enlarged heart through `scene.heart`."""
+    lo, hi = CTR_TARGET[severity or "moderate"]
+    target = float(rng.uniform(lo, hi))
+    item = ins.enlarged_heart(max(1.0, target / max(ctr_now or 0.0, 1e-3)))
+    item.meta["ctr_target"] = round(target, 3)
+    scene.heart = (np.array(item.meta.pop("heart_center")), np.array(item.meta["heart_scale"]))
+    return item
 
 
 def resolve_overlaps(items: list[Insertion]) -> None:

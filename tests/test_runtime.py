@@ -225,3 +225,28 @@ def test_inspect_and_dry_run(tmp_path):
         assert im.size[0] > 100 and im.mode == "RGB"
     missing = cli("inspect", str(tmp_path))
     assert missing.returncode == 2 and "not a chexforge output folder" in missing.stderr
+
+
+def _resolve_in_child(spec, results) -> None:
+    results.put((str(spec.recipe.resolve_path("model-dir")), spec.recipe.model_dump(mode="json"), spec.part(7, "-a1")))
+
+
+def test_run_spec_crosses_processes_with_the_recipe_folder(tmp_path):
+    """Workers get the typed Recipe (pickled), and it still resolves relative paths against the
+    recipe file's folder: pydantic pickles private attributes, through spawn and Ray alike."""
+    import multiprocessing as mp
+
+    from chexforge.runtime.batch import RunSpec
+
+    spec = RunSpec(load_recipe(small(tmp_path)), str(tmp_path / "out"), "run", 1)
+    here = str(spec.recipe.resolve_path("model-dir"))
+    assert here == str(tmp_path.resolve() / "model-dir")
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    child = ctx.Process(target=_resolve_in_child, args=(spec, results))
+    child.start()
+    child.join(60)
+    assert results.get() == (here, spec.recipe.model_dump(mode="json"), "run-000000000007-a1")
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    again = cloudpickle.loads(cloudpickle.dumps(spec))
+    assert str(again.recipe.resolve_path("model-dir")) == here and again.recipe == spec.recipe

@@ -19,8 +19,8 @@ from chexforge.errors import UserError
 from chexforge.export import manifest as mf
 from chexforge.plan import plan
 from chexforge.recipe import parse_recipe
+from chexforge.runtime.jobs import select_shard
 from chexforge.runtime.pool import parse_devices
-from chexforge.runtime.runner import select_shard
 
 from .conftest import write
 

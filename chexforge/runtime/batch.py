@@ -1,9 +1,11 @@
 """One worker's engine: a loaded backend, an export thread pool and the output store.
 
 The same object runs in the main process (one CPU device), in a worker process per device, and
-inside a Ray actor. `submit` generates a batch now and exports it on the thread pool, so the
-device moves on to the next batch while PNG/DICOM encoding and writing happen (zlib and file
-I/O release the GIL). A batch's manifest part is committed after all its files are in place.
+inside a Ray actor; each is handed a `RunSpec` (the typed recipe, the output and the run id)
+and builds its `BatchRunner` from it. `submit` generates a batch now and exports it on the
+thread pool, so the device moves on to the next batch while PNG/DICOM encoding and writing
+happen (zlib and file I/O release the GIL). A batch's manifest part is committed after all
+its files are in place.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,24 @@ class BatchResult:
     job_ids: list[str] = field(default_factory=list)
 
 
-def recipe_from_json(recipe_json: dict, base_dir: str | None) -> Recipe:
-    recipe = Recipe.model_validate(recipe_json)
-    if base_dir:
-        recipe._base_dir = Path(base_dir)
-    return recipe
+@dataclass(frozen=True)
+class RunSpec:
+    """What every engine hands each worker process or Ray actor: pickled whole. The Recipe is the
+    typed object and pickles with the folder its relative paths start from (pydantic keeps
+    private attributes through pickle and Ray's serializer, tested), so a worker resolves the
+    recipe's files exactly as the main process does."""
+
+    recipe: Recipe
+    store_root: str
+    run_id: str
+    export_threads: int = 2
+
+    def runner(self, device: str | None = None) -> BatchRunner:
+        return BatchRunner(self.recipe, self.store_root, device, self.export_threads)
+
+    def part(self, batch_id: int, tag: str = "") -> str:
+        """The manifest part a batch commits: the run id and the batch's offset, then `tag`."""
+        return f"{self.run_id}-{batch_id:012d}{tag}"
 
 
 class BatchRunner:
@@ -50,8 +64,7 @@ class BatchRunner:
         options = dict(recipe.backend_options)
         if device is not None:
             options["device"] = device
-        self.backend = load_backend(recipe.backend, options, size=recipe.output.size,
-                                    model=recipe.resolve_path(recipe.model) if recipe.model else None)
+        self.backend = load_backend(recipe.backend, options, model=recipe.resolve_path(recipe.model) if recipe.model else None)
         self.identity = self.backend.identity()
         self.qc = QCRunner(recipe, device or options.get("device"))
         self.pool = ThreadPoolExecutor(max_workers=max(1, export_threads))

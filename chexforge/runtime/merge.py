@@ -9,16 +9,20 @@ names it. Files are hard-linked when source and target share a local file system
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
-from ..contracts.jobs import RECIPE_KEY, table_bytes
+import pyarrow.parquet as pq
+
+from ..contracts.jobs import RECIPE_KEY, table_bytes, with_recipe
 from ..errors import UserError
 from ..export import manifest as mf
-from ..export.card import write_card
-from ..export.coco import write_coco
+from ..recipe.loader import recipe_to_yaml
+from ..recipe.schema import Recipe
 from ..store import Store, open_store
+from .runner import write_dataset_files
 
 
 def _files(row: dict) -> list[tuple[str, str]]:
@@ -42,10 +46,6 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
         table = mf.read_manifest(store)
         meta = {}
         if store.exists(mf.MANIFEST):
-            import io
-
-            import pyarrow.parquet as pq
-
             meta = pq.read_schema(io.BytesIO(store.read_bytes(mf.MANIFEST))).metadata or {}
         recipes.append(json.loads(meta[RECIPE_KEY]) if RECIPE_KEY in meta else None)
         tables.append((store, table))
@@ -72,20 +72,13 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
     merged = mf.rows_to_table(rows_out)
     recipe_json = known[0] if known else {}
     if known:
-        from ..contracts.jobs import with_recipe
-
         merged = with_recipe(merged, recipe_json)
     target.write_bytes(mf.MANIFEST, table_bytes(merged))
     for rel in mf.part_names(target):
         target.remove(rel)
-    if recipe_json.get("output", {}).get("coco", True):
-        write_coco(target, merged, recipe_json.get("description") or recipe_json.get("name", ""))
     if recipe_json:
-        from ..recipe.loader import recipe_to_yaml
-        from ..recipe.schema import Recipe
-
         target.write_text("recipe.yaml", recipe_to_yaml(Recipe.model_validate(recipe_json)))
-    write_card(target, merged, recipe_json)
+    write_dataset_files(target, recipe_json, merged)
     ok = sum(r["status"] == "ok" for r in rows_out)
     return {"jobs": len(rows_out), "ok": ok, "failed": len(rows_out) - ok, "files": copied, "duplicates": deduped}
 

@@ -3,8 +3,9 @@
 `devices`: "cpu" runs in this process; "cpu:N" starts N worker processes on the CPU; "0,1,3"
 (or "cuda:0,...") starts one process per GPU; "auto" is every GPU, or "cpu" without one.
 
-The parent feeds a bounded task queue and listens for results. When a worker dies (a driver
-fault, an out-of-memory kill), the batch it held goes back to the queue split into single jobs,
+The parent (`WorkerPool`) feeds each worker its own bounded task queue and listens for the
+workers' messages (the typed protocol in worker.py). When a worker dies (a driver fault, an
+out-of-memory kill), the batch it was generating goes back to the queue split into single jobs,
 so another worker retries it and a job that crashes a worker again fails alone; after
 `max_attempts` a job is recorded as failed with the crash in its error, never dropped. A dead
 worker is replaced. Ctrl-C stops the feeding: queued batches are withdrawn, and every worker
@@ -19,15 +20,18 @@ import queue
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 from ..devices import gpu_count
 from ..errors import UserError
 from ..export import manifest as mf
-from ..recipe.schema import Recipe
 from ..store import Store
 from . import worker
-from .batch import BatchRunner, failed_rows
+from .batch import BatchResult, RunSpec, failed_rows
 from .progress import Tracker
+from .worker import STOP, CouldNotStart, Done, Exited, Failed, Generating, Message, Task
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -63,15 +67,14 @@ def parse_devices(spec: str) -> list[str]:
 Batches = Iterator[tuple[int, list[dict]]]
 
 
-def run_inprocess(batches: Batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str,
-                  export_threads: int) -> bool:
+def run_inprocess(batches: Batches, spec: RunSpec, tracker: Tracker) -> bool:
     """One CPU device in this process, export overlapping generation. Returns True if interrupted."""
-    runner = BatchRunner(recipe, store.root, None, export_threads)
+    runner = spec.runner(None)
     exporting = None
     interrupted = False
     try:
         for start, rows in batches:
-            future = runner.submit(start, rows, 1, f"{run_id}-{start:012d}")
+            future = runner.submit(start, rows, 1, spec.part(start))
             if exporting is not None:
                 _count(exporting.result(), tracker)
             exporting = future
@@ -84,150 +87,208 @@ def run_inprocess(batches: Batches, recipe: Recipe, store: Store, tracker: Track
     return interrupted
 
 
-def _count(result, tracker: Tracker) -> None:
+def run_workers(batches: Batches, spec: RunSpec, store: Store, devices: list[str], tracker: Tracker,
+                max_attempts: int = 2, max_restarts: int = 4) -> bool:
+    """One process per device (see WorkerPool). Returns True if interrupted."""
+    return WorkerPool(spec, store, devices, tracker, max_attempts, max_restarts).run(batches)
+
+
+def _count(result: BatchResult, tracker: Tracker) -> None:
     tracker.add(result.ok, result.failed, result.errors, result.seconds_device)
 
 
-def run_workers(batches: Batches, recipe: Recipe, store: Store, devices: list[str], tracker: Tracker, run_id: str,
-                export_threads: int, max_attempts: int = 2, max_restarts: int = 4) -> bool:
-    """One process per device, each with its own small task queue, so the parent always knows
-    which batches a worker holds. Returns True if interrupted."""
-    ctx = mp.get_context("spawn")
-    # A SimpleQueue writes each message to the pipe at once (no feeder thread), so a worker that
-    # crashes right after reporting a batch done has still reported it.
-    results = ctx.SimpleQueue()
-    recipe_json = recipe.model_dump(mode="json", exclude_none=True)
-    base_dir = str(recipe._base_dir) if recipe._base_dir else None
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
-
-    procs: dict[int, mp.Process] = {}
-    queues: dict[int, object] = {}
-    held: dict[int, dict[int, tuple[list[dict], int]]] = {}  # worker → batch id → (rows, attempt)
-    generating: dict[int, int] = {}  # worker → the batch on its device
-
-    def start(wid: int) -> None:
-        queues[wid] = ctx.Queue(maxsize=2)
-        held[wid] = {}
-        p = ctx.Process(target=worker.main, name=f"chexforge-worker-{wid}", daemon=True,
-                        args=(wid, devices[wid % len(devices)], recipe_json, base_dir, store.root, export_threads,
-                              threads, queues[wid], results))
-        p.start()
-        procs[wid] = p
-
-    pending: deque = deque()  # retries first; fresh batches are pulled from the stream as needed
-    fresh = iter(batches)
-    outstanding = 0  # batches handed out or pending, not yet done or failed
-    exhausted = False
-    exited: set[int] = set()
-    restarts = 0
-    next_id = 10**12  # ids for single-job retries (above any batch offset)
-    interrupted = False
-    for wid in range(len(devices)):
-        start(wid)
-    try:
-        while outstanding > 0 or not exhausted:
-            for wid in list(procs):  # feed the workers with room, two batches each at most
-                while wid not in exited and len(held[wid]) < 2:
-                    if not pending and not exhausted:
-                        try:
-                            bid, rows = next(fresh)
-                            pending.append((bid, rows, 1))
-                            outstanding += 1
-                        except StopIteration:
-                            exhausted = True
-                    if not pending:
-                        break
-                    bid, rows, attempt = pending.popleft()
-                    held[wid][bid] = (rows, attempt)
-                    queues[wid].put((bid, rows, attempt, f"{run_id}-{bid:012d}-a{attempt}"))
-            msg = _receive(results, 0.5)
-            if msg is not None:
-                kind, wid = msg[0], msg[1]
-                if kind == "generating":
-                    generating[wid] = msg[2]
-                elif kind == "done":
-                    if held.get(wid, {}).pop(msg[2].batch_id, None) is not None:
-                        outstanding -= 1
-                        _count(msg[2], tracker)
-                elif kind == "error":
-                    if msg[4]:  # bad input or a write error (full disk): stop with its one line
-                        raise UserError(msg[3])
-                    rows, attempt = held[wid].pop(msg[2])
-                    outstanding -= 1
-                    _fail(store, rows, msg[3], attempt, run_id, msg[2], tracker)
-                elif kind == "fatal":
-                    if msg[3]:
-                        raise UserError(msg[2])
-                    raise RuntimeError(f"worker {wid} on {devices[wid % len(devices)]} could not start:\n{msg[2]}")
-                elif kind == "exit":
-                    exited.add(wid)
-            # A worker that died: the batch it was generating goes back as single jobs with one more
-            # attempt (so a job that kills a worker fails alone, after max_attempts); batches it only
-            # queued or was exporting go back as they were. The worker is replaced.
-            for wid, p in list(procs.items()):
-                if p.is_alive() or wid in exited:
-                    continue
-                exited.add(wid)
-                culprit = generating.pop(wid, None)
-                for bid, (rows, attempt) in held.pop(wid, {}).items():
-                    if bid != culprit:
-                        pending.appendleft((bid, rows, attempt))
-                        continue
-                    outstanding -= 1
-                    if attempt >= max_attempts:
-                        _fail(store, rows, f"the worker crashed (exit code {p.exitcode}) on every attempt",
-                              attempt, run_id, bid, tracker)
-                        continue
-                    for row in rows:
-                        pending.append((next_id, [row], attempt + 1))
-                        next_id += 1
-                        outstanding += 1
-                alive = [w for w, q in procs.items() if q.is_alive()]
-                if restarts < max_restarts or not alive:
-                    if restarts >= max_restarts + len(devices):
-                        raise RuntimeError("workers keep crashing; the jobs they held are recorded as failed")
-                    restarts += 1
-                    start(max(procs) + 1)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        _stop(queues, results, procs, held, exited, tracker)
-    return interrupted
+@dataclass
+class _Worker:
+    proc: BaseProcess
+    tasks: Any  # its own bounded queue, so the parent always knows which batches it holds
+    held: dict[int, Task] = field(default_factory=dict)  # batch id → task handed out, not yet done
+    generating: int | None = None  # the batch on its device
+    exited: bool = False
 
 
-def _stop(queues, results, procs, held, exited, tracker) -> None:
-    """Withdraw queued batches, let every worker finish the one it holds, then join them."""
-    for wid, q in queues.items():
+class WorkerPool:
+    """Worker processes fed from a batch stream, each holding two batches at most."""
+
+    QUEUED = 2  # batches handed to a worker and not yet committed: one exports while the next generates
+    RETRY_IDS = 10**12  # ids for single-job retries (above any batch offset)
+
+    def __init__(self, spec: RunSpec, store: Store, devices: list[str], tracker: Tracker, max_attempts: int = 2,
+                 max_restarts: int = 4):
+        self.spec, self.store, self.devices, self.tracker = spec, store, devices, tracker
+        self.max_attempts, self.max_restarts = max_attempts, max_restarts
+        self.ctx = mp.get_context("spawn")
+        # A SimpleQueue writes each message to the pipe at once (no feeder thread), so a worker that
+        # crashes right after reporting a batch done has still reported it.
+        self.results = self.ctx.SimpleQueue()
+        self.threads = max(1, (os.cpu_count() or 1) // len(devices))
+        self.workers: dict[int, _Worker] = {}
+        self.pending: deque[Task] = deque()  # retries first; fresh batches are pulled as needed
+        self.outstanding = 0  # batches handed out or pending, not yet done or failed
+        self.exhausted = False
+        self.restarts = 0
+        self.next_id = self.RETRY_IDS
+
+    def run(self, batches: Batches) -> bool:
+        """Returns True if interrupted (Ctrl-C): then every worker commits the batch it holds."""
+        fresh = iter(batches)
+        for wid in range(len(self.devices)):
+            self._start(wid)
         try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
-        if wid not in exited and procs[wid].is_alive():
+            while self.outstanding > 0 or not self.exhausted:
+                self._feed(fresh)
+                for msg in self._messages(0.5):
+                    self._handle(msg)
+                self._reap()
+        except KeyboardInterrupt:
+            return True
+        finally:
+            self._stop()
+        return False
+
+    def _start(self, wid: int) -> None:
+        tasks = self.ctx.Queue(maxsize=self.QUEUED)
+        proc = self.ctx.Process(target=worker.main, name=f"chexforge-worker-{wid}", daemon=True,
+                                args=(wid, self.devices[wid % len(self.devices)], self.spec, self.threads, tasks,
+                                      self.results))
+        proc.start()
+        self.workers[wid] = _Worker(proc, tasks)
+
+    def _task(self, batch_id: int, rows: list[dict], attempt: int) -> Task:
+        return Task(batch_id, rows, attempt, self.spec.part(batch_id, f"-a{attempt}"))
+
+    def _next(self, fresh: Iterator) -> Task | None:
+        """The next task: a retry, else a fresh batch from the stream; None when there is none."""
+        if not self.pending and not self.exhausted:
             try:
-                q.put(None, timeout=1)
-            except queue.Full:
-                pass
-    deadline = time.time() + 600
-    try:
-        while any(p.is_alive() for w, p in procs.items() if w not in exited) and time.time() < deadline:
-            msg = _receive(results, 0.5)
-            if msg is None:
-                for wid, p in procs.items():
-                    if not p.is_alive():
-                        exited.add(wid)
+                batch_id, rows = next(fresh)
+                self.pending.append(self._task(batch_id, rows, 1))
+                self.outstanding += 1
+            except StopIteration:
+                self.exhausted = True
+        return self.pending.popleft() if self.pending else None
+
+    def _feed(self, fresh: Iterator) -> None:
+        """Fill every live worker's queue."""
+        for w in list(self.workers.values()):
+            while not w.exited and len(w.held) < self.QUEUED:
+                task = self._next(fresh)
+                if task is None:
+                    return
+                w.held[task.batch_id] = task
+                w.tasks.put(task)
+
+    def _messages(self, timeout: float) -> list[Message]:
+        """Every message waiting, after waiting up to `timeout` seconds for the first one."""
+        first = _receive(self.results, timeout)
+        if first is None:
+            return []
+        out = [first]
+        while not self.results.empty():
+            out.append(self.results.get())
+        return out
+
+    def _handle(self, msg: Message) -> None:
+        match msg:
+            case Generating(wid, batch_id):
+                self.workers[wid].generating = batch_id
+            case Done(wid, result):
+                if self.workers[wid].held.pop(result.batch_id, None) is not None:
+                    self.outstanding -= 1
+                    _count(result, self.tracker)
+            case Failed(wid, batch_id, error, user_error):
+                if user_error:  # bad input or a write error (full disk): stop with its one line
+                    raise UserError(error)
+                task = self.workers[wid].held.pop(batch_id, None)
+                if task is not None:
+                    self.outstanding -= 1
+                    self._fail(task, error)
+            case CouldNotStart(wid, error, user_error):
+                if user_error:
+                    raise UserError(error)
+                raise RuntimeError(f"worker {wid} on {self.devices[wid % len(self.devices)]} could not start:\n{error}")
+            case Exited(wid):
+                self.workers[wid].exited = True
+
+    def _reap(self) -> None:
+        """Replace every worker that died, its batches back in the queue."""
+        for w in list(self.workers.values()):
+            if w.exited or w.proc.is_alive():
                 continue
-            if msg[0] == "done":
-                held.get(msg[1], {}).pop(msg[2].batch_id, None)
-                _count(msg[2], tracker)
-            elif msg[0] == "exit":
-                exited.add(msg[1])
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now (committed parts are safe)
+            w.exited = True
+            self._requeue(w)
+            self._replace()
+
+    def _requeue(self, w: _Worker) -> None:
+        """A dead worker's batches: the one it was generating goes back as single jobs with one more
+        attempt (so a job that kills a worker fails alone, after max_attempts); batches it only
+        queued or was exporting go back as they were."""
+        culprit, w.generating = w.generating, None
+        held, w.held = w.held, {}
+        for batch_id, task in held.items():
+            if batch_id != culprit:
+                self.pending.appendleft(task)
+                continue
+            self.outstanding -= 1
+            if task.attempt >= self.max_attempts:
+                self._fail(task, f"the worker crashed (exit code {w.proc.exitcode}) on every attempt")
+                continue
+            for row in task.rows:
+                self.pending.append(self._task(self.next_id, [row], task.attempt + 1))
+                self.next_id += 1
+                self.outstanding += 1
+
+    def _replace(self) -> None:
+        alive = [w for w in self.workers.values() if w.proc.is_alive()]
+        if self.restarts < self.max_restarts or not alive:
+            if self.restarts >= self.max_restarts + len(self.devices):
+                raise RuntimeError("workers keep crashing; the jobs they held are recorded as failed")
+            self.restarts += 1
+            self._start(max(self.workers) + 1)
+
+    def _fail(self, task: Task, error: str) -> None:
+        """Record a batch's jobs as failed (they could not be made at all)."""
+        mf.write_part(self.store, failed_rows(task.rows, error, task.attempt), self.spec.part(task.batch_id, "-failed"))
+        self.tracker.add(0, len(task.rows), [f"{r['job_id']}: {error}" for r in task.rows])
+
+    def _stop(self) -> None:
+        """Withdraw queued batches, let every worker finish the one it holds, then join them."""
+        for w in self.workers.values():
+            _withdraw(w)
+        running = [w for w in self.workers.values() if not w.exited]
+        deadline = time.time() + 600
+        try:
+            while any(w.proc.is_alive() for w in running if not w.exited) and time.time() < deadline:
+                messages = self._messages(0.5)
+                if not messages:
+                    for w in running:
+                        w.exited = w.exited or not w.proc.is_alive()
+                for msg in messages:
+                    match msg:
+                        case Done(wid, result):
+                            self.workers[wid].held.pop(result.batch_id, None)
+                            _count(result, self.tracker)
+                        case Exited(wid):
+                            self.workers[wid].exited = True
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now (committed parts are safe)
+            pass
+        for w in self.workers.values():
+            if w.proc.is_alive():
+                w.proc.terminate()
+            w.proc.join(timeout=5)
+
+
+def _withdraw(w: _Worker) -> None:
+    """Take back the batches a worker has not started, and tell a live one to stop."""
+    try:
+        while True:
+            w.tasks.get_nowait()
+    except queue.Empty:
         pass
-    for p in procs.values():
-        if p.is_alive():
-            p.terminate()
-        p.join(timeout=5)
+    if not w.exited and w.proc.is_alive():
+        try:
+            w.tasks.put(STOP, timeout=1)
+        except queue.Full:
+            pass
 
 
 def _receive(results, timeout: float):
@@ -238,8 +299,3 @@ def _receive(results, timeout: float):
             return None
         time.sleep(0.02)
     return results.get()
-
-
-def _fail(store: Store, rows: list[dict], error: str, attempts: int, run_id: str, bid: int, tracker: Tracker) -> None:
-    mf.write_part(store, failed_rows(rows, error, attempts), f"{run_id}-{bid:012d}-failed")
-    tracker.add(0, len(rows), [f"{r['job_id']}: {error}" for r in rows])

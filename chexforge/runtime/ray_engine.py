@@ -12,38 +12,33 @@ same device type, the same image hashes (tested).
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 
-from ..recipe.schema import Recipe
-from ..store import Store
+from ..contracts.jobs import job_schema
+from .batch import RunSpec
 from .progress import Tracker
 
 
 class RayBatch:
     """A Ray Data actor: `__call__(batch)` makes, writes and commits one batch."""
 
-    def __init__(self, recipe_json: dict, base_dir: str | None, store_root: str, run_id: str, device: str | None,
-                 export_threads: int):
+    def __init__(self, spec: RunSpec, device: str | None):
         import os
 
         os.environ["CHEXFORGE_WORKER"] = "ray"
-        from .batch import BatchRunner, recipe_from_json
-
-        self.runner = BatchRunner(recipe_from_json(recipe_json, base_dir), store_root, device, export_threads)
-        self.run_id = run_id
+        self.spec = spec
+        self.runner = spec.runner(device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         bid = int(batch.column("_batch")[0].as_py())
         rows = batch.drop_columns(["_batch"]).to_pylist()
-        r = self.runner.run(bid, rows, 1, f"{self.run_id}-{bid:012d}-ray")
+        r = self.runner.run(bid, rows, 1, self.spec.part(bid, "-ray"))
         return pa.table({"batch": [bid], "ok": [r.ok], "failed": [r.failed], "seconds": [r.seconds_device],
                          "errors": [r.errors]})
 
 
-def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str, export_threads: int,
-            address: str | None, actors: int | None, gpus_per_actor: float) -> bool:
+def run_ray(batches, spec: RunSpec, tracker: Tracker, address: str | None, actors: int | None,
+            gpus_per_actor: float) -> bool:
     """Returns True if interrupted."""
     import logging
     import os
@@ -62,8 +57,6 @@ def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
-    from ..contracts.jobs import job_schema
-
     schema = job_schema()
     blocks, size = [], 1
     for start, rows in batches:  # the blocks live in Ray's object store, not the driver's heap
@@ -76,10 +69,7 @@ def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str
     device = "cuda" if gpus_per_actor else "cpu"
     dataset = ray.data.from_arrow(blocks).map_batches(
         RayBatch,
-        fn_constructor_kwargs={"recipe_json": recipe.model_dump(mode="json", exclude_none=True),
-                               "base_dir": str(recipe._base_dir) if recipe._base_dir else None,
-                               "store_root": store.root, "run_id": run_id, "device": device,
-                               "export_threads": export_threads},
+        fn_constructor_kwargs={"spec": spec, "device": device},
         batch_size=size, batch_format="pyarrow", compute=ActorPoolStrategy(size=min(n_actors, len(blocks))),
         num_gpus=gpus_per_actor or None,
     )
@@ -89,6 +79,4 @@ def run_ray(batches, recipe: Recipe, store: Store, tracker: Tracker, run_id: str
                 tracker.add(row["ok"], row["failed"], row["errors"], row["seconds"])
     except KeyboardInterrupt:
         return True
-    finally:
-        time.sleep(0)
     return False

@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..contracts.jobs import decode_job_ids, shard_mask
+from ..contracts.backends import backend_info
+from ..contracts.jobs import decode_job_ids
 from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
-from ..recipe.loader import recipe_to_yaml
+from ..recipe.loader import recipe_dict, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
-from .jobs import JobSource, todo_batches
+from .batch import RunSpec
+from .jobs import JobSource, Shard, in_sorted, todo_batches
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import Tracker
 
@@ -47,7 +49,7 @@ class RunOptions:
     ray_address: str | None = None
     ray_actors: int | None = None
     gpus_per_actor: float = 0.0
-    shard: tuple[int, int] | None = None
+    shard: Shard | None = None
     max_attempts: int = 2
 
 
@@ -67,7 +69,7 @@ class RunSummary:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
+def parse_shard(text: str | None) -> Shard | None:
     if not text:
         return None
     try:
@@ -77,12 +79,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= i < n:
         raise UserError(f"--shard {text}: expected 0 <= i < n")
     return i, n
-
-
-def select_shard(jobs: pa.Table, shard: tuple[int, int] | None) -> pa.Table:
-    if shard is None:
-        return jobs
-    return jobs.filter(pa.array(shard_mask(jobs.column("job_id"), *shard)))
 
 
 def prepare_output(store: Store, overwrite: bool) -> None:
@@ -100,9 +96,7 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.uint64)
     ids = decode_job_ids(table.column("job_id"))
-    planned_sorted = np.sort(planned)
-    pos = np.searchsorted(planned_sorted, ids).clip(0, max(len(planned_sorted) - 1, 0))
-    foreign = int((planned_sorted[pos] != ids).sum()) if len(planned_sorted) else len(ids)
+    foreign = int((~in_sorted(ids, np.sort(planned))).sum())
     if foreign:
         raise UserError(f"this folder holds {foreign} images of a different plan (was the recipe or the shard "
                         "changed?); use another --out, or --overwrite to replace them", store.root)
@@ -118,8 +112,6 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
 
 
 def batch_size_of(recipe: Recipe, override: int | None) -> int:
-    from ..contracts.backends import backend_info
-
     return int(override or getattr(backend_info(recipe.backend).options(recipe.backend_options), "batch_size", 4))
 
 
@@ -136,28 +128,27 @@ def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: Ru
     if options.limit is not None:
         todo = min(todo, max(0, options.limit))
     summary = RunSummary(planned=len(planned), skipped=len(done))
-    recipe_json = recipe.model_dump(mode="json", exclude_none=True)
+    recipe_json = recipe_dict(recipe)
     if todo == 0:
-        _finish(store, recipe_json, recipe)
+        _finish(store, recipe_json)
         return summary
 
     batches = todo_batches(source, options.shard, done, options.limit, batch_size_of(recipe, options.batch_size))
     devices = ["ray"] if options.engine == "ray" else parse_devices(options.devices)
     tracker = Tracker(store, len(planned), len(done), todo, devices, options.engine, options.progress)
-    run_id = f"{int(time.time() * 1000):x}-{os.getpid()}"
+    spec = RunSpec(recipe, store.root, f"{int(time.time() * 1000):x}-{os.getpid()}", options.export_threads)
     t0 = time.perf_counter()
     state = "crashed"
     try:
         if options.engine == "ray":
             from .ray_engine import run_ray
 
-            summary.interrupted = run_ray(batches, recipe, store, tracker, run_id, options.export_threads,
-                                          options.ray_address, options.ray_actors, options.gpus_per_actor)
+            summary.interrupted = run_ray(batches, spec, tracker, options.ray_address, options.ray_actors,
+                                          options.gpus_per_actor)
         elif devices == ["inprocess"]:
-            summary.interrupted = run_inprocess(batches, recipe, store, tracker, run_id, options.export_threads)
+            summary.interrupted = run_inprocess(batches, spec, tracker)
         else:
-            summary.interrupted = run_workers(batches, recipe, store, devices, tracker, run_id,
-                                              options.export_threads, options.max_attempts)
+            summary.interrupted = run_workers(batches, spec, store, devices, tracker, options.max_attempts)
         state = "interrupted" if summary.interrupted else "finishing"
     finally:
         summary.seconds = time.perf_counter() - t0
@@ -165,14 +156,21 @@ def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: Ru
         summary.errors, summary.device_seconds = tracker.errors, tracker.device_seconds
         tracker.close(state)
     if not summary.interrupted:
-        _finish(store, recipe_json, recipe)
+        _finish(store, recipe_json)
         tracker.beat("finished", force=True)
     return summary
 
 
-def _finish(store: Store, recipe_json: dict, recipe: Recipe) -> None:
+def _finish(store: Store, recipe_json: dict) -> None:
     """Stream the parts into manifest.parquet, then the COCO file and the card from it."""
     mf.merge_parts(store, recipe_json)
-    if recipe.output.coco:
-        write_coco(store, mf.iter_manifest(store), recipe.description or recipe.name)
-    write_card(store, mf.iter_manifest(store), recipe_json)
+    write_dataset_files(store, recipe_json)
+
+
+def write_dataset_files(store: Store, recipe_json: dict, manifest: pa.Table | None = None) -> None:
+    """The COCO file (unless the recipe turns it off) and the dataset card, from `manifest` or
+    else streamed from the folder's manifest.parquet."""
+    rows = (lambda: manifest) if manifest is not None else (lambda: mf.iter_manifest(store))
+    if recipe_json.get("output", {}).get("coco", True):
+        write_coco(store, rows(), recipe_json.get("description") or recipe_json.get("name", ""))
+    write_card(store, rows(), recipe_json)

@@ -1,9 +1,12 @@
 """A worker process: one device, the model loaded once, batches from a queue.
 
-Messages to the parent: ("ready", wid), ("generating", wid, batch_id), ("done", wid, BatchResult),
-("error", wid, batch_id, text, user_error), ("fatal", wid, text), ("exit", wid). The worker
-ignores Ctrl-C: the parent decides when to stop, and the worker always finishes and commits the
-batch it holds. At most one batch exports while the next generates.
+The messages between the parent (pool.py) and a worker are the small frozen dataclasses below.
+The parent sends a `Task` per batch, then `STOP`; the worker answers `Ready` once its model is
+loaded (or `CouldNotStart`), `Generating` when a batch goes on the device (if the process dies
+now, that batch is the culprit), `Done` or `Failed` when a batch is committed or could not be,
+and `Exited` last. The worker ignores Ctrl-C: the parent decides when to stop, and the worker
+always finishes and commits the batch it holds. At most one batch exports while the next
+generates.
 """
 
 from __future__ import annotations
@@ -12,29 +15,101 @@ import os
 import queue
 import signal
 import traceback
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .batch import BatchResult, BatchRunner, RunSpec
+
+# ---- parent → worker --------------------------------------------------------------------------
 
 
-def main(wid: int, device: str, recipe_json: dict, base_dir: str | None, store_root: str, export_threads: int,
-         threads: int, tasks, results) -> None:
+@dataclass(frozen=True)
+class Task:
+    """Make, export and commit one batch as manifest part `part`."""
+
+    batch_id: int
+    rows: list[dict]
+    attempt: int
+    part: str
+
+
+STOP = None  # no more tasks: finish the batch in hand, then exit
+
+
+# ---- worker → parent --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    wid: int
+
+
+@dataclass(frozen=True)
+class CouldNotStart:
+    wid: int
+    error: str  # the one-line error, or a short traceback
+    user_error: bool  # bad input (a recipe the backend refuses): stop the run with its line
+
+
+@dataclass(frozen=True)
+class Generating:
+    wid: int
+    batch_id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    wid: int
+    result: BatchResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    wid: int
+    batch_id: int
+    error: str
+    user_error: bool  # bad input or a write error (full disk): stop the run with its line
+
+
+@dataclass(frozen=True)
+class Exited:
+    wid: int
+
+
+Message = Ready | CouldNotStart | Generating | Done | Failed | Exited
+
+
+def main(wid: int, device: str, spec: RunSpec, threads: int, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["CHEXFORGE_WORKER"] = str(wid)
     import torch
 
     torch.set_num_threads(max(1, threads))
-    from ..errors import UserError
-    from .batch import BatchRunner, recipe_from_json
+    runner = _start(wid, device, spec, results)
+    if runner is None:
+        return
+    results.put(Ready(wid))
+    _serve(wid, runner, tasks, results)
+    runner.close()
+    results.put(Exited(wid))
 
+
+def _start(wid: int, device: str, spec: RunSpec, results) -> BatchRunner | None:
+    """The loaded runner, or None after telling the parent why it could not start."""
     try:
-        runner = BatchRunner(recipe_from_json(recipe_json, base_dir), store_root, device, export_threads)
+        return spec.runner(device)
     except UserError as e:
-        results.put(("fatal", wid, e.line(), True))
-        return
+        results.put(CouldNotStart(wid, e.line(), True))
     except Exception:  # noqa: BLE001 - reported to the parent with its traceback
-        results.put(("fatal", wid, traceback.format_exc(limit=3), False))
-        return
-    results.put(("ready", wid))
+        results.put(CouldNotStart(wid, traceback.format_exc(limit=3), False))
+    return None
+
+
+def _serve(wid: int, runner: BatchRunner, tasks, results) -> None:
+    """Tasks until STOP (or the parent is gone), the next one generating while the last exports."""
     parent = os.getppid()
-    exporting = None
+    exporting: Future | None = None
     while True:
         try:
             task = tasks.get(timeout=1.0)
@@ -42,31 +117,26 @@ def main(wid: int, device: str, recipe_json: dict, base_dir: str | None, store_r
             if os.getppid() != parent:  # the parent was killed: stop instead of waiting forever
                 break
             continue
-        if task is None:
+        if task is STOP:
             break
-        batch_id, rows, attempt, part = task
-        results.put(("generating", wid, batch_id))  # if the process dies now, this batch is the culprit
+        results.put(Generating(wid, task.batch_id))
         try:
-            future = runner.submit(batch_id, rows, attempt, part)  # generates now, exports on a thread
+            future = runner.submit(task.batch_id, task.rows, task.attempt, task.part)  # generates now, exports on a thread
         except Exception as e:  # noqa: BLE001
-            results.put(("error", wid, batch_id, f"{type(e).__name__}: {e}", isinstance(e, UserError)))
+            results.put(Failed(wid, task.batch_id, f"{type(e).__name__}: {e}", isinstance(e, UserError)))
             continue
-        future.add_done_callback(lambda f, b=batch_id: _report(f, b, results, wid))
+        future.add_done_callback(lambda f, b=task.batch_id: results.put(_outcome(f, b, wid)))
         if exporting is not None:
             exporting.exception()  # bound: the batch before this one has finished exporting
         exporting = future
     if exporting is not None:
         exporting.exception()
-    runner.close()
-    results.put(("exit", wid))
 
 
-def _report(future, batch_id: int, results, wid: int) -> None:
-    from ..errors import UserError
-
+def _outcome(future: Future, batch_id: int, wid: int) -> Done | Failed:
     e = future.exception()
     if e is None:
-        results.put(("done", wid, future.result()))
-    else:  # a write error (full disk) stops the run with one line
-        text = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        results.put(("error", wid, batch_id, text, isinstance(e, UserError)))
+        return Done(wid, future.result())
+    # a write error (full disk) stops the run with one line
+    text = e.line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+    return Failed(wid, batch_id, text, isinstance(e, UserError))

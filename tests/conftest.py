@@ -16,19 +16,16 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
 
 @pytest.fixture(scope="session")
 def drr64():
-    """One DRR backend for the session (the CT is prepared once; 64 px images are fast)."""
+    """One DRR backend for the session (each CT detail level is prepared once, as jobs ask for it)."""
     from chexforge.backends.drr.backend import DRRBackend
     from chexforge.backends.drr.options import DRROptions
 
-    return DRRBackend(DRROptions(), size=64)
+    return DRRBackend(DRROptions())
 
 
 @pytest.fixture(scope="session")
-def drr128():
-    from chexforge.backends.drr.backend import DRRBackend
-    from chexforge.backends.drr.options import DRROptions
-
-    return DRRBackend(DRROptions(), size=128)
+def drr128(drr64):
+    return drr64  # the same backend: a job's size picks its level, not the backend
 
 
 def job(**kw) -> dict:

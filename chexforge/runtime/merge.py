@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from .. import atomic
 from ..contracts.jobs import RECIPE_KEY, table_bytes, with_recipe
 from ..errors import UserError
 from ..export import manifest as mf
@@ -94,11 +95,7 @@ def _take(source: Store, target: Store, rel: str, digest: str) -> None:
     if src_local is not None:
         if not src_local.exists():
             raise UserError(f"{rel} is in the manifest but missing", source.root)
-        h = hashlib.sha256()
-        with open(src_local, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        actual = h.hexdigest()
+        actual = atomic.sha256_file(src_local)
     else:
         actual = hashlib.sha256(data).hexdigest()
     if actual != digest:

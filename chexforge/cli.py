@@ -156,28 +156,12 @@ def generate(
 
     Examples: [bold]chexforge generate recipes/quickstart.yaml --out out/q[/bold] · [bold]chexforge generate --jobs jobs.parquet --out out/q --limit 100[/bold] · [bold]chexforge generate r.yaml --out out/s3 --shard 3/16[/bold]
     """
-    from .plan import plan as make_plan
-    from .plan import read_jobs
-    from .recipe import load_recipe
-    from .recipe.schema import Recipe
-    from .runtime import RunOptions, run
+    from .runtime import RunOptions, open_jobs, run
     from .runtime.runner import parse_shard
 
-    if (recipe is None) == (jobs is None):
-        raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
-    if engine not in ("local", "ray"):
-        raise UserError(f"--engine takes local or ray, not {engine!r}")
-    from .runtime.jobs import JobSource
-
-    if jobs is not None:
-        recipe_json = read_jobs(jobs, header_only=True)
-        r = Recipe.model_validate(recipe_json)
-        source = JobSource.from_parquet(jobs)
-    else:
-        r = load_recipe(recipe)
-        source = JobSource.from_recipe(r)  # planned chunk by chunk as the run goes
+    r, source = open_jobs(recipe, jobs)
     if dry_run:
-        _print_plan(read_jobs(jobs)[0] if jobs is not None else make_plan(r), r.backend)
+        _print_plan(source.table(), r.backend)
         return
     options = RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
                          progress=progress, devices=devices, engine=engine, ray_address=ray_address,

@@ -10,9 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from chexforge.contracts.images import read_gray, read_mask
 from chexforge.export.coco import build_coco
 from chexforge.export.dicom import dx_bytes
-from chexforge.export.png import mask_bytes, png16_bytes, read_png
+from chexforge.export.png import mask_bytes, png16_bytes
 
 JOB = {"job_id": "0123456789abcdef", "cohort": "demo", "sex": "F", "age": 67, "view": "PA", "race": "Black",
        "prompt": "PA chest radiograph of a 67-year-old woman. Moderate left pleural effusion."}
@@ -65,7 +66,7 @@ def test_png16_round_trip(tmp_path):
     image = np.random.default_rng(2).random((50, 70), dtype=np.float32)
     path = tmp_path / "x.png"
     path.write_bytes(png16_bytes(image))
-    back = read_png(path)
+    back = read_gray(path)
     assert back.shape == (50, 70)
     assert np.abs(back - image).max() <= 0.5 / 65535 + 1e-7
 
@@ -75,7 +76,7 @@ def test_mask_png_round_trip(tmp_path):
     mask[5:20, 10:30] = True
     path = tmp_path / "m.png"
     path.write_bytes(mask_bytes(mask))
-    assert np.array_equal(read_png(path), mask)
+    assert np.array_equal(read_mask(path), mask)
 
 
 def test_coco_boxes_in_pixels():

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from ..contracts.images import read_gray, read_mask
 from ..contracts.jobs import laterality_column
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..plan.summary import ok_mask
 from ..store import Store, open_store
-from .png import read_png
 
 ANATOMY_COLOURS = {"lungs": (60, 220, 90), "lung_left": (60, 220, 90), "lung_right": (60, 220, 90), "heart": (235, 70, 70)}
 LESION_COLOUR = (255, 210, 0)
@@ -31,13 +31,13 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def tile(store: Store, row: dict, size: int, overlays: bool = True) -> Image.Image:
-    image = read_png(io.BytesIO(store.read_bytes(row["image_png"]))) if row.get("image_png") else \
+    image = read_gray(io.BytesIO(store.read_bytes(row["image_png"]))) if row.get("image_png") else \
         _dicom_pixels(io.BytesIO(store.read_bytes(row["image_dicom"])))
     grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     rgb = np.stack([grey] * 3, -1)
     if overlays:
         for m in row.get("masks") or []:
-            mask = read_png(io.BytesIO(store.read_bytes(m["path"])))
+            mask = read_mask(io.BytesIO(store.read_bytes(m["path"])))
             colour = ANATOMY_COLOURS.get(m["name"], LESION_COLOUR)
             rgb[_outline(mask)] = colour
     im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)

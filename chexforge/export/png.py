@@ -1,5 +1,5 @@
-"""PNG encoding: 16-bit grayscale images and 8-bit masks (0 / 255). Reading is
-chexforge/contracts/images.py's one reader; `read_png` here only picks image or mask by depth."""
+"""PNG encoding: 16-bit grayscale images and 8-bit masks (0 / 255). They read back through
+chexforge/contracts/images.py (`read_gray`, `read_mask`), the one reader."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import io
 
 import numpy as np
 from PIL import Image
-
-from ..contracts.images import read_with_depth
 
 
 def png16_bytes(image: np.ndarray, compress_level: int = 3) -> bytes:
@@ -24,9 +22,3 @@ def mask_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
-
-
-def read_png(path) -> np.ndarray:
-    """A PNG written here → float [0, 1] (a 16-bit image) or bool (an 8-bit mask, inside > one half)."""
-    a, bits = read_with_depth(path)
-    return a if bits == 16 else a > 0.5

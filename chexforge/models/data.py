@@ -15,10 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from ..contracts.images import read_gray
 from ..contracts.vocabulary import ALIASES, FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 
@@ -117,9 +115,3 @@ def _age(v) -> int | None:
         return int(float(v))
     except (TypeError, ValueError):
         return None
-
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """A training image → float32 (size, size) in [0, 1]: chexforge/contracts/images.py's one
-    reader (bit depth from the file's mode, colour to BT.601 luma, Pillow-bilinear resize)."""
-    return read_gray(path, size)

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..contracts.images import read_gray
 from ..devices import torch_device
 from ..errors import UserError
 from . import control_image
 from . import vae as vae_ops
-from .data import Example, load_image, read_examples
+from .data import Example, read_examples
 from .pipeline import ChexforgePipeline
 from .weights import load_state_dict, save_state_dict
 
@@ -70,10 +71,10 @@ def build_cache(pipe: ChexforgePipeline, examples: list[Example], folder: Path, 
     has_control = pipe.transformer.control is not None
     for i in range(0, len(examples), chunk):
         part = examples[i:i + chunk]
-        images = torch.from_numpy(np.stack([load_image(e.image, size) for e in part])).to(pipe.device)
+        images = torch.from_numpy(np.stack([read_gray(e.image, size) for e in part])).to(pipe.device)
         lat.append(vae_ops.encode(pipe.vae, vae_ops.to_rgb(images)).cpu())
         if has_control:
-            drawn = [control_image.draw(size, e.boxes, {k: load_image(v, size) > 0.5 for k, v in e.masks.items()}) for e in part]
+            drawn = [control_image.draw(size, e.boxes, {k: read_gray(v, size) > 0.5 for k, v in e.masks.items()}) for e in part]
             ctl.append(vae_ops.encode(pipe.vae, control_image.to_tensor(drawn).to(pipe.device)).cpu())
         emb, k = pipe.encode_text(pipe.prompts_for([{**e.job, "prompt": e.prompt} for e in part]))
         txt.append(emb.half().cpu())
@@ -253,7 +254,7 @@ def fit_vae(pipe: ChexforgePipeline, examples: list[Example], folder: Path, size
     if (folder / "config.json").is_file():
         pipe.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False).to(pipe.device).eval()
         return
-    images = torch.from_numpy(np.stack([load_image(e.image, size) for e in examples]))
+    images = torch.from_numpy(np.stack([read_gray(e.image, size) for e in examples]))
     vae = pipe.vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(cfg.seed)

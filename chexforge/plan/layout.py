@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..contracts.images import read_gray
 from ..contracts.jobs import BOX, BOXES, laterality_column
 from ..contracts.vocabulary import BY_NAME
 from ..errors import UserError
@@ -147,8 +148,6 @@ def _boxes_csv(path: Path) -> LayoutItems:
 
 def _masks_dir(root: Path) -> LayoutItems:
     """`root/<Finding>/*.png`: each PNG is one lesion layout; its box is the mask's extent."""
-    from PIL import Image
-
     if not root.is_dir():
         raise UserError("no such masks folder", root)
     refs, boxes = [], []
@@ -157,9 +156,9 @@ def _masks_dir(root: Path) -> LayoutItems:
         if label not in BY_NAME:
             raise UserError(f"folder {label!r} is not a finding name (expected e.g. {root.name}/Nodule/*.png)", path.parent)
         try:
-            mask = np.asarray(Image.open(path).convert("L")) > 0
-        except OSError as e:
-            raise UserError(f"not a readable PNG ({e})", path) from None
+            mask = read_gray(path) > 0  # any non-black pixel is inside: user masks may be antialiased
+        except UserError as e:
+            raise UserError(f"not a readable PNG ({e.message})", path) from None
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:
             raise UserError("the mask is empty", path)

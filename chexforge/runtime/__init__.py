@@ -1,5 +1,9 @@
-"""Running jobs: batching, export overlap, resume, progress."""
+"""Running jobs: batching, device workers, export overlap, QC retries, resume, shards, Ray, status.
 
-from .runner import RunOptions, RunSummary, run
+`generate(out, recipe=...)` is `chexforge generate`; `run(jobs, recipe, out)` runs a job table or
+stream that is already in hand.
+"""
 
-__all__ = ["RunOptions", "RunSummary", "run"]
+from .runner import RunOptions, RunSummary, generate, open_jobs, run
+
+__all__ = ["RunOptions", "RunSummary", "generate", "open_jobs", "run"]

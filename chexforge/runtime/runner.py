@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow as pa
 
 from ..contracts.backends import backend_info
-from ..contracts.jobs import decode_job_ids
+from ..contracts.jobs import decode_job_ids, read_jobs
 from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
-from ..recipe.loader import recipe_dict, recipe_to_yaml
+from ..recipe.loader import load_recipe, recipe_dict, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
 from .batch import RunSpec
@@ -115,9 +115,30 @@ def batch_size_of(recipe: Recipe, override: int | None) -> int:
     return int(override or getattr(backend_info(recipe.backend).options(recipe.backend_options), "batch_size", 4))
 
 
+def open_jobs(recipe: str | Path | None = None, jobs: str | Path | None = None) -> tuple[Recipe, JobSource]:
+    """The recipe and the job stream of a run: a recipe file (planned chunk by chunk as the run
+    goes), or a job table written by `chexforge plan` (its recipe travels inside it)."""
+    if (recipe is None) == (jobs is None):
+        raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
+    if jobs is not None:
+        return Recipe.model_validate(read_jobs(jobs, header_only=True)), JobSource.from_parquet(jobs)
+    r = load_recipe(recipe)
+    return r, JobSource.from_recipe(r)
+
+
+def generate(out: str | Path, recipe: str | Path | None = None, jobs: str | Path | None = None,
+             options: RunOptions | None = None) -> RunSummary:
+    """`chexforge generate`: make the dataset of a recipe file (or of a job table) into `out`,
+    resuming what an earlier run there left."""
+    r, source = open_jobs(recipe, jobs)
+    return run(source, r, out, options)
+
+
 def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: RunOptions | None = None) -> RunSummary:
     """Make every job of `jobs` (a table, or a stream from the recipe or a jobs file) into `out`."""
     options = options or RunOptions()
+    if options.engine not in ("local", "ray"):
+        raise UserError(f"--engine takes local or ray, not {options.engine!r}")
     source = jobs if isinstance(jobs, JobSource) else JobSource.from_table(jobs)
     store = open_store(out)
     prepare_output(store, options.overwrite)

@@ -153,3 +153,26 @@ def test_lateral_cardiomegaly_aims_at_the_frontal_ratio(drr128):
     (fact,) = s.meta["findings"]
     assert s.meta["ctr"] is None and s.masks["Cardiomegaly"].any()
     assert 0.62 <= fact["ctr_target"] <= 0.68 and max(fact["heart_scale"]) > 1.1
+
+
+def test_a_ct_identity_is_its_content_not_its_path(tmp_path):
+    """The manifest's model_hash names the CT by its bytes: a copy elsewhere has the same one, an
+    edited file another (paths and times belong to the cache key only)."""
+    import shutil
+
+    from chexforge.backends.drr.ct import _paths, source_digest
+
+    ct, labels, _ = _paths("bundled")
+    copy = tmp_path / "copy"
+    (copy / "segmentations").mkdir(parents=True)
+    shutil.copy(ct, copy / "ct.nii.gz")
+    shutil.copy(labels, copy / "segmentations" / "all.nii.gz")
+    twin = tmp_path / "twin"
+    shutil.copytree(copy, twin)
+    assert source_digest(str(copy)) == source_digest(str(twin))
+    with open(twin / "ct.nii.gz", "r+b") as f:  # one byte changed
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    assert source_digest(str(copy)) != source_digest(str(twin))

@@ -194,9 +194,16 @@ def _structures(path: Path) -> dict[str, int]:
 
 
 def source_digest(source: str = "bundled") -> str:
-    """A digest of the CT's files (paths, sizes, times) and of the preparation's version, the
-    same at every detail level: what identifies the CT of a run whose jobs may differ in level."""
-    h = _files_hash(*_paths(source)[:2])
+    """What identifies the CT of a run (the manifest's model_hash): its files' names and bytes and
+    the preparation's version, the same at every detail level and on every machine (the cache
+    key below may use paths and times; an identity must not)."""
+    ct, labels = _paths(source)[:2]
+    h = hashlib.blake2b(digest_size=8)
+    for p in [ct, *(sorted(labels.glob("*.nii.gz")) if labels.is_dir() else [labels])]:
+        h.update(f"{p.name}|{p.stat().st_size}|".encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     h.update(f"v={CACHE_VERSION}".encode())
     return h.hexdigest()
 

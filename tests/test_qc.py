@@ -197,34 +197,138 @@ def test_classifier_without_local_weights_is_one_line_exit_2(tmp_path, monkeypat
         run(plan(r), r, tmp_path / "o2", RunOptions(progress=False))
 
 
-def test_torchscript_classifier_and_sex_rules(tmp_path):
+class Fixed:
+    """Builds TorchScript models that return fixed probabilities for every image."""
+
+    @staticmethod
+    def save(torch, path, probs, pathologies=None):
+        class Const(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("p", torch.tensor([probs], dtype=torch.float32))
+                if pathologies is not None:
+                    self.pathologies = list(pathologies)
+
+            def forward(self, x):
+                return self.p.expand(x.shape[0], -1)
+
+        torch.jit.script(Const()).save(str(path))
+        return path
+
+
+def _meta_qc(row):
+    return json.loads(row["meta"])["qc"]
+
+
+def test_sex_rule_known_answers(tmp_path):
+    """P(male) fixed at 0.8, and (P(F), P(M)) fixed at (0.3, 0.7): a man scores P(M), a woman
+    1 - P(M); a flipped sign would pass the women and reject the men."""
     torch = pytest.importorskip("torch")
-
-    class Bright(torch.nn.Module):
-        """P(male) = the mean brightness (a stand-in for a trained network)."""
-
-        def forward(self, x):
-            return x.mean(dim=(1, 2, 3)).clamp(0, 1)[:, None]  # inputs in [0, 1]
-
-    path = tmp_path / "sex.pt"
-    torch.jit.script(Bright()).save(str(path))
-    recipe = write(tmp_path, f"""
+    one = Fixed.save(torch, tmp_path / "one.pt", [0.8])
+    two = Fixed.save(torch, tmp_path / "two.pt", [0.3, 0.7])
+    for model, p_male in ((one, 0.8), (two, 0.7)):
+        recipe = write(tmp_path, f"""
 name: s
 seed: 2
 backend: simulated
 output: {{size: 64, formats: [png]}}
 qc:
   max_attempts: 2
-  rules: [{{check: sex, model: {path}, min: 0.6}}]
+  rules: [{{check: sex, model: {model}, min: 0.6}}]
 cohorts:
-  - {{name: a, count: 4, demographics: {{sex: M}}}}
+  - {{name: m, count: 2, demographics: {{sex: M}}}}
+  - {{name: f, count: 2, demographics: {{sex: F}}}}
 """)
-    r = load_recipe(recipe)
-    out = tmp_path / "out"
-    run(plan(r), r, out, RunOptions(progress=False))
-    for row in rows(out):  # simulated images average ~0.5 brightness: P(male) < 0.6 → rejected twice
-        assert row["status"] == "failed" and row["error"].startswith("qc: sex = "), row
-        assert all(0.4 < h["value"] < 0.6 for h in json.loads(row["meta"])["qc"]["rejections"])
+        r = load_recipe(recipe)
+        out = tmp_path / f"out-{model.stem}"
+        run(plan(r), r, out, RunOptions(progress=False))
+        got = rows(out)
+        assert len(got) == 4
+        for row in got:
+            qc = _meta_qc(row)
+            if row["sex"] == "M":
+                assert row["status"] == "ok" and qc["attempts"] == 1 and qc["rejections"] == []
+            else:
+                assert row["status"] == "failed" and [h["value"] for h in qc["rejections"]] == [round(1 - p_male, 6)] * 2
+                assert row["error"].startswith(f"qc: sex = {round(1 - p_male, 6):g} is below min 0.6 on all 2 attempts")
+
+
+CLASSIFY = """
+name: k
+seed: 3
+backend: simulated
+output: {{size: 64, formats: [png]}}
+qc:
+  max_attempts: 2
+  rules: [{{check: classifier, model: {model}, min: 0.9}}]
+cohorts:
+  - {{name: nodule, count: 2, findings: {{Nodule: true}}}}
+  - {{name: clear, count: 2}}
+"""
+
+
+def test_classifier_rule_known_answers(tmp_path):
+    """A model that says P(Nodule) = 0 rejects every nodule job (value exactly 0) and keeps every
+    job without one (1 - 0 = 1); the implied "Lung Opacity" is not held against a nodule."""
+    torch = pytest.importorskip("torch")
+    model = Fixed.save(torch, tmp_path / "zero.pt", [0.0, 0.95], ["Nodule", "Lung Opacity"])
+    r = load_recipe(write(tmp_path, CLASSIFY.format(model=model)))
+    run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
+    got = rows(tmp_path / "out")
+    assert sorted(x["cohort"] for x in got) == ["clear", "clear", "nodule", "nodule"]
+    for row in got:
+        values = [h["value"] for h in _meta_qc(row)["rejections"]]
+        assert row["status"] == "failed"
+        if row["cohort"] == "nodule":  # min(P(Nodule)) = 0; the implied opacity is left out
+            assert values == [0.0, 0.0] and row["error"].startswith("qc: classifier = 0 is below min 0.9 on all 2 attempts")
+        else:  # min(1 - 0, 1 - 0.95): the opacity a clear image must not show is held against it
+            assert values == [pytest.approx(0.05, abs=1e-6)] * 2
+    model = Fixed.save(torch, tmp_path / "one.pt", [1.0, 0.0], ["Nodule", "Lung Opacity"])
+    r = load_recipe(write(tmp_path, CLASSIFY.format(model=model)))
+    run(plan(r), r, tmp_path / "out1", RunOptions(progress=False))
+    for row in rows(tmp_path / "out1"):
+        assert (row["status"] == "ok") == (row["cohort"] == "nodule"), row
+        if row["cohort"] == "clear":
+            assert [h["value"] for h in _meta_qc(row)["rejections"]] == [0.0, 0.0]
+
+
+def test_a_classifier_without_finding_labels_is_an_error_not_a_pass(tmp_path):
+    """No `pathologies`, or none that is a chexforge finding: one line naming the rule and the file,
+    exit 2, before any image is made."""
+    torch = pytest.importorskip("torch")
+    bare = Fixed.save(torch, tmp_path / "bare.pt", [0.0])
+    proc = cli("generate", str(write(tmp_path, CLASSIFY.format(model=bare))), "--out", str(tmp_path / "o"), "--no-progress")
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"chexforge: error: {bare}: cohort 'nodule': qc classifier: the model names no chexforge finding")
+    assert not (tmp_path / "o" / "manifest.parquet").exists() and not list((tmp_path / "o").rglob("*.png"))
+    foreign = Fixed.save(torch, tmp_path / "pets.pt", [0.0, 0.0], ["cat", "dog"])
+    r = load_recipe(write(tmp_path, CLASSIFY.format(model=foreign)))
+    with pytest.raises(UserError, match=r"qc classifier: the model names no chexforge finding \(its `pathologies` attribute: \['cat', 'dog'\]\)"):
+        run(plan(r), r, tmp_path / "o2", RunOptions(progress=False, devices="cpu:1"))
+    assert not list((tmp_path / "o2").rglob("*.png"))
+    # Labels that do not match the outputs: an error, never one label read as another.
+    short = Fixed.save(torch, tmp_path / "short.pt", [0.0, 0.0], ["Nodule"])
+    r = load_recipe(write(tmp_path, CLASSIFY.format(model=short)))
+    with pytest.raises(UserError, match="returns 2 values per image but its `pathologies` attribute names 1 labels"):
+        run(plan(r), r, tmp_path / "o3", RunOptions(progress=False))
+
+
+def test_a_model_check_that_measures_nothing_fails():
+    """A model whose only label a requested finding implies gives no value: rejected (value None);
+    a pixel check of a job with no requested finding has nothing to measure and passes."""
+
+    class Opacity:
+        labels, findings = ["Lung Opacity"], ["Lung Opacity"]
+
+        def __call__(self, images):
+            return np.zeros((len(images), 1))
+
+    runner = Q.QCRunner.__new__(Q.QCRunner)
+    runner.by_cohort = {"a": (3, [Q.Rule("mask_area", 0.001), Q.Rule("classifier", 0.5, Opacity())])}
+    image = np.zeros((8, 8))
+    assert runner.first_failure({"cohort": "a", "Nodule": 1}, image, {"Nodule": np.ones((8, 8), bool)}) == ("classifier", None, 0.5)
+    assert runner.first_failure({"cohort": "a"}, image, {}) is None  # 1 - P(opacity) = 1; mask_area: nothing asked
 
 
 # ---- the model loaders (chexforge/qc/models.py): torchxrayvision's DenseNet and TorchScript ------
@@ -341,36 +445,81 @@ print('same')
     assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
 
 
-def test_xrv_classifier_rule_runs_from_a_state_dict(tmp_path, monkeypatch):
-    """QC's xrv-densenet: torchxrayvision's input ([-1024, 1024] at 224 px) and outputs (sigmoid,
-    operating-point normalisation), from a state dict, without importing torchxrayvision."""
+XRV_STUB = """
+import importlib.abc, importlib.machinery, sys
+from unittest import mock
+class Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # the image-file modules xrv's datasets import
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('imageio', 'skimage'):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = mock.MagicMock(); m.__path__ = []; m.__spec__ = spec; return m
+    def exec_module(self, m): pass
+sys.meta_path.append(Stub())
+"""
+
+
+def test_xrv_state_dict_in_torchxrayvision_layout_and_label_order(tmp_path, monkeypatch):
+    """A state dict saved from torchxrayvision's own DenseNet class, as its loader leaves it (the
+    operating points as a buffer), loads through QC's one loader without importing torchxrayvision;
+    its outputs equal torchxrayvision's forward, and the labels are read in its order: a network
+    that says "Nodule" (by torchxrayvision's label list) and nothing else keeps the nodule job and
+    rejects the clear one."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchxrayvision") is None:
+        pytest.skip("torchxrayvision is not installed")
     torch = pytest.importorskip("torch")
-    from chexforge.contracts.model_files import XRV_LABELS, XRV_MODELS, model_file
-    from chexforge.qc.models import Classifier, op_norm, xrv_densenet_architecture
+    from chexforge.contracts.model_files import XRV_MODELS, XRV_OP_THRESHS, model_file
+    from chexforge.qc.models import Classifier, op_norm
 
     cache = _xrv_home(tmp_path, monkeypatch)
-    torch.manual_seed(0)
-    net = xrv_densenet_architecture().eval()
-    torch.save(net.state_dict(), cache / XRV_MODELS["xrv-densenet"])  # a released file converted in place
-    image = np.random.default_rng(4).random((64, 64), dtype=np.float32)
+    weights, expect = cache / XRV_MODELS["xrv-densenet"], tmp_path / "expect.pt"
+    make = XRV_STUB + f"""
+import torch, torchxrayvision as xrv
+urls = xrv.models.model_urls['all']
+torch.manual_seed(0)
+m = xrv.models.DenseNet(num_classes=18, in_channels=1).eval()
+m.op_threshs = torch.tensor(urls['op_threshs'])  # as xrv's loader sets them: a buffer in the state dict
+with torch.no_grad():
+    m.classifier.weight.zero_()
+    m.classifier.bias.fill_(-12.0)
+    m.classifier.bias[urls['labels'].index('Nodule')] = 12.0
+torch.save(m.state_dict(), {str(weights)!r})  # the released file converted in place
+x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    torch.save({{'x': x, 'y': m(x * 2048 - 1024), 'labels': list(urls['labels']), 'keys': list(m.state_dict())}}, {str(expect)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", make], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(expect, weights_only=True)
+    assert "op_threshs" in theirs["keys"] and "features.denseblock4.denselayer16.conv2.weight" in theirs["keys"]
     clf = Classifier("xrv-densenet", model_file("xrv-densenet", None), "cpu")
-    assert clf.labels == list(XRV_LABELS)
-    x = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(224, 224), mode="bilinear",
-                                        antialias=True, align_corners=False)
-    with torch.no_grad():
-        expect = op_norm(torch.sigmoid(net(x * 2048 - 1024)).double().numpy())
-    assert np.allclose(clf([image]), expect, rtol=0, atol=1e-6)
-    for threshold, status in ((0.0, "ok"), (1.0, "failed")):
-        recipe = write(tmp_path, CLASSIFIER.replace("MODEL", "xrv-densenet").replace(
-            "model: xrv-densenet", f"model: xrv-densenet\n      min: {threshold}").replace("count: 1", "count: 2")
-            .replace("qc:", "qc:\n  max_attempts: 1"))
-        r = load_recipe(recipe)
-        out = tmp_path / f"out{threshold}"
-        run(plan(r), r, out, RunOptions(progress=False))
-        got = rows(out)
-        assert len(got) == 2 and all(x["status"] == status for x in got), got
-        if status == "failed":
-            assert all(x["error"].startswith("qc: classifier = ") for x in got)
+    assert clf.labels == theirs["labels"]
+    got = clf(list(theirs["x"][:, 0].numpy()))
+    assert np.allclose(got, theirs["y"].double().numpy(), rtol=0, atol=1e-6)
+    nodule = theirs["labels"].index("Nodule")
+    assert got[:, nodule].min() > 0.99 and np.delete(got, nodule, axis=1).max() < 0.01
+    recipe = write(tmp_path, """
+name: x
+seed: 1
+backend: simulated
+output: {size: 64, formats: [png]}
+qc:
+  max_attempts: 1
+  rules: [{check: classifier, model: xrv-densenet, min: 0.9}]
+cohorts:
+  - {name: nodule, count: 1, findings: {Nodule: true}}
+  - {name: clear, count: 1}
+""")
+    r = load_recipe(recipe)
+    run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
+    got = {row["cohort"]: row for row in rows(tmp_path / "out")}
+    assert got["nodule"]["status"] == "ok", got["nodule"]["error"]
+    # The clear image: 1 - P(Nodule), P(Nodule) = op_norm(sigmoid(12)) at Nodule's operating point.
+    p = op_norm(np.array([[1 / (1 + np.exp(-12.0))]]), (XRV_OP_THRESHS[nodule],))
+    value = json.loads(got["clear"]["meta"])["qc"]["rejections"][0]["value"]
+    assert got["clear"]["status"] == "failed" and value == pytest.approx(1 - float(p[0, 0]), abs=2e-6)
     assert "torchxrayvision" not in sys.modules
 
 

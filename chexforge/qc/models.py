@@ -31,6 +31,7 @@ from ..contracts.model_files import (
     xrv_files,
     xrv_missing,
 )
+from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 
 
@@ -140,14 +141,20 @@ class Classifier:
     def __init__(self, spec: str, path: Path, device: str):
         import torch
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.path = torch, device, path
         self.xrv = spec in XRV_MODELS
         if self.xrv:
             self.net = load_xrv_densenet(device, spec)
             self.labels = list(XRV_LABELS)
         else:
             self.net = load_torchscript(path, "qc model", device)
-            self.labels = [str(p) for p in getattr(self.net, "pathologies", [])]
+            names = getattr(self.net, "pathologies", None)
+            self.labels = [names] if isinstance(names, str) else [str(p) for p in names or []]
+
+    @property
+    def findings(self) -> list[str]:
+        """The labels that are chexforge findings (what a `classifier` rule can read)."""
+        return [x for x in self.labels if x in FINDING_NAMES and x != NO_FINDING]
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         torch = self.torch
@@ -162,6 +169,9 @@ class Classifier:
             y = y.float().reshape(len(images), -1).cpu().numpy()
         if self.xrv:
             return op_norm(1.0 / (1.0 + np.exp(-y.astype(np.float64))))
+        if self.labels and y.shape[1] != len(self.labels):  # never read one label's output as another's
+            raise UserError(f"qc model: returns {y.shape[1]} values per image but its `pathologies` attribute "
+                            f"names {len(self.labels)} labels", self.path)
         if y.min() < 0 or y.max() > 1:  # logits
             y = 1.0 / (1.0 + np.exp(-y))
         return y

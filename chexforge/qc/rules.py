@@ -14,11 +14,15 @@ rejection. Checks:
 - `classifier`: a chest X-ray classifier's probability of each requested finding and of the
   absence of each unrequested one it knows (the smallest of these). `model: xrv-densenet` is the
   torchxrayvision DenseNet-121 "all" model, used only when its weights are already in
-  ~/.torchxrayvision/models_data; `model: PATH` is a TorchScript file (see docs/recipes.md).
+  ~/.torchxrayvision/models_data; `model: PATH` is a TorchScript file (see docs/recipes.md) whose
+  `pathologies` attribute names its outputs.
 - `sex`: a TorchScript sex classifier's probability of the job's sex.
 
-The pixel checks are numpy; torch is imported only to run a model. A missing model is an error,
-never a pass.
+The pixel checks are numpy; torch is imported only to run a model. A model problem is never a
+pass: a missing model, or a classifier whose labels name no chexforge finding, is an error when
+the run starts; a model check that measures nothing for an image (no label it knows applies, or a
+NaN) rejects the image. Only a pixel check of a job that requested no finding has nothing to
+measure and passes.
 """
 
 from __future__ import annotations
@@ -122,6 +126,10 @@ class QCRunner:
                             raise UserError(f"cohort {cohort.name!r}: qc {r.check}: {problem}")
                         loaded[r.model] = Classifier(r.model, model_file(r.model, lambda s: Path(recipe.resolve_path(s))), device)
                     model = loaded[r.model]
+                    if r.check == "classifier" and not model.findings:
+                        raise UserError(f"cohort {cohort.name!r}: qc classifier: the model names no chexforge finding "
+                                        f"(its `pathologies` attribute: {model.labels or 'none'}); a classifier whose "
+                                        "outputs cannot be read would pass every image", model.path)
                 rules.append(Rule(r.check, float(r.min), model))
             self.by_cohort[cohort.name] = (qc.max_attempts, rules)
 
@@ -131,12 +139,18 @@ class QCRunner:
     def max_attempts(self, row: dict[str, Any]) -> int:
         return self.by_cohort.get(str(row["cohort"]), (1, []))[0]
 
-    def first_failure(self, row: dict[str, Any], image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[str, float, float] | None:
-        """(rule, value, threshold) of the first rule this image fails, in the recipe's order, or None."""
+    def first_failure(self, row: dict[str, Any], image: np.ndarray,
+                      masks: dict[str, np.ndarray]) -> tuple[str, float | None, float] | None:
+        """(rule, value, threshold) of the first rule this image fails, in the recipe's order, or
+        None. The value is None when a model check measured nothing (a failure, never a pass)."""
         findings = requested_findings(row)
         for rule in self.by_cohort.get(str(row["cohort"]), (1, []))[1]:
             value = self.value(rule, row, image, masks, findings)
-            if value is not None and not value >= rule.threshold:  # NaN fails
+            if value is None and rule.model is None:
+                continue  # a pixel check of a job that requested no finding: nothing to measure
+            if value is None or np.isnan(value):
+                return rule.check, None, rule.threshold
+            if not value >= rule.threshold:
                 return rule.check, round(float(value), 6), rule.threshold
         return None
 

@@ -100,8 +100,9 @@ class BatchRunner:
                 history[i].append({"attempt": tries[i], "seed": seed, "rule": rule, "value": value, "threshold": threshold})
                 limit = self.qc.max_attempts(row)
                 if tries[i] >= limit:
+                    verdict = f"= {value:g} is below min" if value is not None else "measured nothing (min"
                     final[i] = Sample(s.job_id, np.zeros((0, 0), np.float32), meta=dict(s.meta),
-                                      error=f"qc: {rule} = {value:g} is below min {threshold:g} "
+                                      error=f"qc: {rule} {verdict} {threshold:g}{')' if value is None else ''} "
                                             f"on all {limit} attempt{'s' if limit > 1 else ''} (last seed {seed})")
                     continue
                 tries[i] += 1

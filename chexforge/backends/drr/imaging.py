@@ -294,7 +294,10 @@ def display(log_signal: torch.Tensor, body: torch.Tensor, pixel_mm: float, proce
         return x.clamp(0, 1)
     # Dynamic-range compression: pull the slowly varying part toward the body mean.
     coarse = smooth(x, 25.0 / pixel_mm)
-    x = x - 0.55 * (coarse - coarse[body].mean() if body.any() else coarse.mean())
+    # The mean in float64: a float32 sum's rounding depends on how many threads split it, and the
+    # same job must give the same pixels whatever the worker count (--devices cpu vs cpu:2).
+    level = (coarse[body] if body.any() else coarse).double().mean().to(coarse.dtype)
+    x = x - 0.55 * (coarse - level)
     # Unsharp masking for edges and fine lung markings.
     x = x + 0.9 * (x - gaussian_blur(x, 2.0 / pixel_mm))
     # S-shaped tone curve around the body's median, mapped back to [0, 1].

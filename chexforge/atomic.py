@@ -2,6 +2,9 @@
 
 A reader sees either the old file or the complete new one, never a torn write, whatever
 kills the process. Temporary files carry a `.tmp-` prefix so a resumed run can sweep them.
+The file gets the mode a plain open() would give it (0o666 less the umask: 0644 under umask
+022), not the 0600 of a private temporary file, so a dataset on a shared folder is readable by
+whoever the umask lets read it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import errno
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +32,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     parent, name = os.path.split(path)
     parent = parent or "."
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + name + ".", dir=parent)
+    fd, tmp = _create_temporary(parent, name)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -40,6 +43,20 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(parent: str, name: str) -> tuple[int, str]:
+    """A new, unique temporary sibling opened for writing. Created as open() creates files (mode
+    0o666, the kernel applies the umask and any default ACL), exclusively (O_EXCL), so it is never
+    someone else's file; mkstemp would make it 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(parent, f"{TMP_PREFIX}{name}.{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unique temporary name", os.path.join(parent, name))
 
 
 def write_bytes(path: str | Path, data: bytes) -> str:
@@ -84,8 +101,9 @@ def sweep_temporaries(root: str | Path) -> int:
     return n
 
 
-def disk_error(e: OSError, path: str | Path) -> UserError:
-    """Turn a write failure into one clear line (full disk, read-only or forbidden output)."""
+def disk_error(e: OSError, path: str | Path, resume: bool = True) -> UserError:
+    """Turn a write failure into one clear line (full disk, read-only or forbidden output).
+    `resume`: say that committed work is intact and a re-run resumes (not when nothing began)."""
     reasons = {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exceeded",
@@ -94,4 +112,6 @@ def disk_error(e: OSError, path: str | Path) -> UserError:
         errno.EPERM: "permission denied",
     }
     why = reasons.get(e.errno, e.strerror or type(e).__name__)
+    if not resume:
+        return UserError(f"cannot write: {why}", path)
     return UserError(f"cannot write: {why}; everything committed before this is intact, re-run to resume", path)

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
 
+from ..contracts.limits import MAX_RECIPE_BYTES, load_yaml, read_bytes
 from ..errors import UserError, located
 from .schema import Recipe, semantic_problems
 
@@ -27,13 +27,16 @@ from .schema import Recipe, semantic_problems
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("no such recipe file", path) from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
-        raise UserError(f"cannot read the recipe ({type(e).__name__}); expected a UTF-8 YAML file", path) from None
-    recipe = parse_recipe(text, source=str(path))
-    recipe._base_dir = path.parent.resolve()
+        data = read_bytes(path, MAX_RECIPE_BYTES, "recipe file")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError("cannot read the recipe (UnicodeDecodeError); expected a UTF-8 YAML file", path) from None
+    except UserError as e:
+        if e.message.startswith("cannot read"):
+            raise UserError(f"{e.message}; expected a UTF-8 YAML file", e.where) from None
+        raise
+    base_dir = path.parent.resolve()
+    recipe = parse_recipe(text, source=str(path), base_dir=base_dir)
     if recipe.model is not None:  # not part of any job id, so safe to make absolute for --jobs runs
         recipe.model = recipe.resolve_path(recipe.model).resolve()
         if not recipe.model.is_dir():
@@ -42,31 +45,43 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def parse_recipe(text: str, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """A recipe from YAML text. `base_dir`: the folder relative paths in it start from (the
+    recipe file's folder); with it, files the recipe names (QC models) are checked too."""
     tree = _parse_yaml(text, source)
+    return _validated(_plain(tree), source, lambda loc: _position(tree, loc), base_dir)
+
+
+def recipe_from_json(data: Any, source: str = "<recipe>") -> Recipe:
+    """A recipe from its resolved JSON form (a job table carries one): validated like a recipe
+    file, every problem one line at `source` naming the key."""
+    if not isinstance(data, dict):
+        raise UserError("expected a recipe (a JSON object with name, cohorts, ...)", source)
+    return _validated(data, source, None, None)
+
+
+def _validated(plain: dict, source: str, position: Any, base_dir: Path | None) -> Recipe:
+    def problem(loc: tuple, message: str, more: int) -> UserError:
+        where = located(source, *position(loc)) if position is not None else source
+        return _problem(where, loc, message, more)
+
     try:
-        recipe = Recipe.model_validate(_plain(tree))
+        recipe = Recipe.model_validate(plain)
     except ValidationError as e:
         errors = _one_branch(e.errors())
         first = errors[0]
         loc = tuple(first["loc"]) + (("[key]",) if first["type"] == "extra_forbidden" else ())
-        raise _problem(source, tree, loc, _message(first), len(errors) - 1) from None
+        raise problem(loc, _message(first), len(errors) - 1) from None
+    recipe._base_dir = base_dir
     problems = semantic_problems(recipe)
     if problems:
         loc, message = problems[0]
-        raise _problem(source, tree, loc, message, len(problems) - 1)
+        raise problem(loc, message, len(problems) - 1)
     return recipe
 
 
 def _parse_yaml(text: str, source: str) -> Any:
-    yaml = YAML(typ="rt")
-    try:
-        tree = yaml.load(text)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = located(source, mark.line + 1, mark.column + 1) if mark else source
-        what = (e.problem or e.context or "invalid YAML").strip()
-        raise UserError(f"YAML syntax error: {what}", where) from None
+    tree = load_yaml(text, source)  # size, nesting and alias limits; one located line per problem
     if not isinstance(tree, dict):
         raise UserError("expected a YAML mapping with name, cohorts, ... at the top level", located(source, 1, 1))
     return tree
@@ -89,13 +104,12 @@ def _plain(node: Any) -> Any:
 # ---- locating and wording errors -------------------------------------------------------------
 
 
-def _problem(source: str, tree: Any, loc: tuple, message: str, more: int) -> UserError:
-    line, col = _position(tree, loc)
+def _problem(where: str, loc: tuple, message: str, more: int) -> UserError:
     place = _dotted(loc)
     text = f"{place}: {message}" if place else message
     if more > 0:
         text += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return UserError(text, located(source, line, col))
+    return UserError(text, where)
 
 
 def _position(tree: Any, loc: tuple) -> tuple[int, int]:

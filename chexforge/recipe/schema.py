@@ -8,6 +8,7 @@ range, a normal distribution or weighted bins.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +33,20 @@ FindingName = Literal[FINDING_NAMES]  # type: ignore[valid-type]
 
 DEFAULT_PROMPT = "{view} chest radiograph of a {age}-year-old {sex_word}. {findings}"
 PROMPT_FIELDS = ("view", "age", "sex", "sex_word", "race", "findings", "cohort")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME = 100  # characters of a recipe or cohort name (a cohort's name is a folder name in the output)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def check_name(v: str, what: str) -> str:
+    if not _NAME.fullmatch(v):
+        raise ValueError(f"a {what} name may hold letters, digits, '_', '-' and '.', and starts with a letter or digit")
+    if len(v) > MAX_NAME:
+        raise ValueError(f"a {what} name may be at most {MAX_NAME} characters long, not {len(v)}")
+    return v
 
 
 def as_distribution(value: Any, allowed: tuple[str, ...] | None, what: str) -> dict[str, float]:
@@ -52,12 +62,14 @@ def as_distribution(value: Any, allowed: tuple[str, ...] | None, what: str) -> d
         key = str(key)
         if allowed is not None and key not in allowed:
             raise ValueError(f"unknown {what} {key!r}; expected one of {', '.join(allowed)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"weight of {key!r} must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {key!r} must be a finite number >= 0, got {weight!r}")
         out[key] = float(weight)
     total = sum(out.values())
     if total <= 0:
         raise ValueError(f"the {what} weights sum to 0")
+    if not math.isfinite(total):
+        raise ValueError(f"the {what} weights are too large to add up")
     return {k: w / total for k, w in out.items()}
 
 
@@ -187,7 +199,8 @@ class ExplicitBox(Strict):
     def _box(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = v
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise ValueError(f"expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {list(v)}")
+            raise ValueError("expected a box x0, y0, x1, y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, "
+                             f"got {', '.join(f'{c:g}' for c in v)}")
         return v
 
 
@@ -265,9 +278,7 @@ class Cohort(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("a cohort name may hold letters, digits, '_', '-' and '.', and starts with a letter or digit")
-        return v
+        return check_name(v, "cohort")
 
     @field_validator("view", mode="before")
     @classmethod
@@ -347,9 +358,7 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("a recipe name may hold letters, digits, '_', '-' and '.'")
-        return v
+        return check_name(v, "recipe")
 
     @field_validator("backend")
     @classmethod
@@ -377,8 +386,14 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     info = backend_info(recipe.backend)
     if info.needs_model and recipe.model is None:
         problems.append((("backend",), f"the {recipe.backend} backend needs `model: PATH` (a local model folder)"))
-    for key, message in info.check_options(recipe.backend_options):
+    option_problems = info.check_options(recipe.backend_options)
+    for key, message in option_problems:
         problems.append((("backend_options", *key), message))
+    if not option_problems:  # files the options name (a CT library): a file-level look, no torch
+        options = info.options(recipe.backend_options)
+        file_problems = getattr(options, "file_problems", None)
+        for key, message in file_problems() if callable(file_problems) else ():
+            problems.append((("backend_options", *key), message))
     seen: set[str] = set()
     for i, cohort in enumerate(recipe.cohorts):
         if cohort.name in seen:

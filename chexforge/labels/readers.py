@@ -22,6 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..contracts.limits import (
+    MAX_CELL_CHARS,
+    MAX_LABEL_BYTES,
+    MAX_LABEL_COLUMNS,
+    MAX_LABEL_ROWS,
+    open_limited,
+)
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 
@@ -87,10 +94,7 @@ def xrv_data_dir() -> Path:
 def sniff(path: Path) -> str:
     if path.suffix == ".parquet":
         return "manifest"
-    try:
-        head = pd.read_csv(path, nrows=2)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"not a readable CSV ({str(e).splitlines()[0][:120]})", path) from None
+    head = _read_csv(path, nrows=2)
     cols = set(head.columns)
     if {"Finding Labels", "Patient Gender"} <= cols:
         return "nih"
@@ -127,11 +131,27 @@ def read_labels(source: str | Path, fmt: str | None = None, uncertain: str = "ne
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def _csv(path: Path, need: list[str], **kw) -> pd.DataFrame:
+def _read_csv(path: Path, **kw) -> pd.DataFrame:
+    """A CSV (plain or compressed) read under the limits: at most MAX_LABEL_BYTES once
+    decompressed, at most MAX_LABEL_COLUMNS columns; a damaged file is one line."""
+    if path.is_dir():
+        raise UserError("expected a label file, not a folder", path)
     try:
-        df = pd.read_csv(path, low_memory=False, **kw)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"not a readable CSV ({str(e).splitlines()[0][:160]})", path) from None
+        with open_limited(path, MAX_LABEL_BYTES, "label file") as stream:
+            df = pd.read_csv(stream, low_memory=False, compression=None, **kw)
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, OverflowError, MemoryError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"not a readable CSV ({first[:160]})", path) from None
+    if df.shape[1] > MAX_LABEL_COLUMNS:
+        raise UserError(f"the label file has {df.shape[1]} columns; chexforge reads at most {MAX_LABEL_COLUMNS}",
+                        f"{path}:1")
+    return df
+
+
+def _csv(path: Path, need: list[str], **kw) -> pd.DataFrame:
+    df = _read_csv(path, **kw)
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise UserError(f"missing column(s) {', '.join(repr(c) for c in missing)}", f"{path}:1")
@@ -140,10 +160,16 @@ def _csv(path: Path, need: list[str], **kw) -> pd.DataFrame:
 
 def _numbers(df: pd.DataFrame, col: str, path: Path, allowed: set[float] | None = None,
              lo: float | None = None, hi: float | None = None) -> pd.Series:
-    """A numeric column; the first non-empty cell that is not a valid number is a located error."""
+    """A numeric column; the first non-empty cell that is not a valid number is a located error
+    (`path:LINE` of a CSV, `path: row N` of a Parquet table)."""
     raw = df[col]
-    num = pd.to_numeric(raw, errors="coerce")
+    try:
+        num = pd.to_numeric(raw, errors="coerce")
+    except (TypeError, ValueError):  # cells that are not scalars (lists in a Parquet file)
+        num = pd.to_numeric(raw.map(lambda v: v if np.isscalar(v) else np.nan), errors="coerce")
+    num = num.astype(float)
     bad = num.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+    bad |= np.isinf(num)
     if allowed is not None:
         bad |= num.notna() & ~num.isin(list(allowed))
     if lo is not None:
@@ -154,7 +180,8 @@ def _numbers(df: pd.DataFrame, col: str, path: Path, allowed: set[float] | None 
             (f"a number from {lo:g} to {hi:g}" if lo is not None else "a number")
         value = raw.iloc[i]
         shown = repr(value.item() if hasattr(value, "item") else value)
-        raise UserError(f"column {col!r}: expected {what}, got {shown}", f"{path}:{i + 2}")
+        where = f"{path}: row {i + 1}" if path.suffix == ".parquet" else f"{path}:{i + 2}"
+        raise UserError(f"column {col!r}: expected {what}, got {shown[:60]}", where)
     return num
 
 
@@ -202,12 +229,13 @@ def read_chexpert(path: Path, uncertain: str = "negative") -> pd.DataFrame:
 def read_mimic(path: Path, uncertain: str, metadata: str | Path | None, patients: str | Path | None,
                admissions: str | Path | None) -> pd.DataFrame:
     labels = _csv(path, ["subject_id", "study_id", *CHEXPERT_COLUMNS])
+    labels = _keys(labels, ["subject_id", "study_id"])
     out = labels[["subject_id", "study_id"]].copy()
     for col, name in CHEXPERT_COLUMNS.items():
         out[name] = _labels(_numbers(labels, col, path, allowed={1.0, 0.0, -1.0}), uncertain)
     if metadata is not None:  # one row per image, with its view
         mp = resolve(metadata)
-        meta = _csv(mp, ["dicom_id", "subject_id", "study_id", "ViewPosition"])
+        meta = _keys(_csv(mp, ["dicom_id", "subject_id", "study_id", "ViewPosition"]), ["subject_id", "study_id"])
         out = meta[["dicom_id", "subject_id", "study_id", "ViewPosition"]].merge(out, on=["subject_id", "study_id"], how="inner")
         out["image"] = out["dicom_id"].astype(str)
         out["view"] = out["ViewPosition"].map({"PA": "PA", "AP": "AP", "LATERAL": "LL", "LL": "LL"})
@@ -218,7 +246,7 @@ def read_mimic(path: Path, uncertain: str, metadata: str | Path | None, patients
     out["sex"], out["age"], out["race"] = pd.NA, np.nan, pd.NA
     if patients is not None:
         pp = resolve(patients)
-        pat = _csv(pp, ["subject_id", "gender", "anchor_age"])
+        pat = _keys(_csv(pp, ["subject_id", "gender", "anchor_age"]), ["subject_id"])
         pat["anchor_age"] = _numbers(pat, "anchor_age", pp, lo=0, hi=120)
         out = out.drop(columns=["sex", "age"]).merge(
             pat[["subject_id", "gender", "anchor_age"]].rename(columns={"gender": "sex", "anchor_age": "age"}),
@@ -226,12 +254,12 @@ def read_mimic(path: Path, uncertain: str, metadata: str | Path | None, patients
         out["sex"] = out["sex"].where(out["sex"].isin(["F", "M"]))
     if admissions is not None:
         ap = resolve(admissions)
-        adm = _csv(ap, ["subject_id"])
+        adm = _keys(_csv(ap, ["subject_id"]), ["subject_id"])
         col = "race" if "race" in adm else ("ethnicity" if "ethnicity" in adm else None)
         if col is None:
             raise UserError("missing column 'race' (MIMIC-IV) or 'ethnicity' (older releases)", f"{ap}:1")
         # A patient's most frequent recorded race across admissions.
-        race = adm.dropna(subset=[col]).groupby("subject_id")[col].agg(lambda s: s.value_counts().index[0])
+        race = adm.dropna(subset=[col]).astype({col: str}).groupby("subject_id")[col].agg(lambda s: s.value_counts().index[0])
         out = out.drop(columns=["race"]).merge(race.rename("race"), left_on="subject_id", right_index=True, how="left")
     return _finish(out)
 
@@ -269,10 +297,14 @@ def read_padchest(path: Path) -> pd.DataFrame:
     for i, text in enumerate(df["Labels"].tolist()):
         if not isinstance(text, str) or not text.strip():
             continue
-        try:
-            terms = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise UserError(f"column 'Labels': expected a list like ['normal'], got {text[:60]!r}", f"{path}:{i + 2}") from None
+        terms = None
+        if len(text) <= MAX_CELL_CHARS:
+            try:
+                terms = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                pass
+        if not isinstance(terms, (list, tuple)):
+            raise UserError(f"column 'Labels': expected a list like ['normal'], got {text[:60]!r}", f"{path}:{i + 2}")
         for term in terms:
             term = str(term).strip().lower()
             for name in PADCHEST_LABELS.get(term, ()):
@@ -285,16 +317,44 @@ def read_padchest(path: Path) -> pd.DataFrame:
 
 
 def read_manifest_labels(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"not a readable Parquet file ({e})", path) from None
-    if "job_id" not in df or "sex" not in df:
-        raise UserError("not a chexforge manifest or jobs table (no job_id/sex columns)", path)
+        meta = pq.ParquetFile(path).metadata
+        if meta.num_rows > MAX_LABEL_ROWS or meta.num_columns > MAX_LABEL_COLUMNS:
+            raise UserError(f"the table has {meta.num_rows} rows and {meta.num_columns} columns; chexforge reads at "
+                            f"most {MAX_LABEL_ROWS} rows and {MAX_LABEL_COLUMNS} columns as labels", path)
+        names = set(pq.read_schema(path).names)
+        if "job_id" not in names or "sex" not in names:
+            raise UserError("not a chexforge manifest or jobs table (no job_id/sex columns)", path)
+        wanted = [c for c in ("job_id", "status", "sex", "age", "race", "view", *FINDING_NAMES) if c in names]
+        df = pq.read_table(path, columns=wanted).to_pandas()
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, MemoryError, NotImplementedError, pa.ArrowException) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"not a readable Parquet file ({first[:160]})", path) from None
+    missing = [c for c in ("age", "view") if c not in df]
+    if missing:
+        raise UserError(f"not a chexforge manifest or jobs table (no {'/'.join(missing)} column)", path)
     if "status" in df:
-        df = df[df["status"] == "ok"]
+        df = df[df["status"].astype(str) == "ok"].reset_index(drop=True)
+    text = lambda col: df[col].map(lambda v: v if isinstance(v, str) else None)  # noqa: E731
     out = pd.DataFrame({"image": df["job_id"].astype(str), "patient": df["job_id"].astype(str),
-                        "sex": df["sex"], "age": df["age"].astype(float), "race": df["race"], "view": df["view"]})
+                        "sex": text("sex").where(text("sex").isin(["F", "M"])),
+                        "age": _numbers(df, "age", path, lo=0, hi=120),
+                        "race": text("race") if "race" in df else pd.NA,
+                        "view": text("view").where(text("view").isin(["PA", "AP", "LL"]))})
     for f in FINDING_NAMES:
-        out[f] = df[f].astype(float) if f in df else 0.0
+        out[f] = _numbers(df, f, path, allowed={0.0, 1.0}).fillna(0.0) if f in df else 0.0
     return _finish(out)
+
+
+def _keys(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Join keys as text, the same in every file: 10000032 whether read as an integer, as a
+    float (a column with blanks) or as text."""
+    df = df.copy()
+    for c in cols:
+        df[c] = df[c].astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
+    return df

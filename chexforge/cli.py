@@ -23,6 +23,7 @@ app = typer.Typer(
     "  chexforge validate recipe.yaml      check it\n\n"
     "  chexforge plan recipe.yaml          see the jobs it expands to (a dry run)\n\n"
     "  chexforge generate recipe.yaml      make the dataset (re-run to resume)\n\n"
+    "  chexforge verify out/               re-hash every file against the manifest\n\n"
     "  chexforge inspect out/              counts and a contact sheet\n\n"
     "  chexforge eval out/ --reference R   metrics against real images\n\n"
     "  chexforge report out/               a static HTML report",
@@ -88,35 +89,28 @@ def plan(
 
     The job table is deterministic: the same recipe gives the same file byte for byte. Run it later with `chexforge generate --jobs JOBS --out OUT`.
     """
-    from .plan import plan as make_plan
-    from .plan import write_jobs
-    from .recipe import load_recipe
+    from .plan import plan_report
 
-    r = load_recipe(recipe)
-    jobs = make_plan(r)
-    _print_plan(jobs, r.backend)
-    if show:
-        t = Table("job_id", "cohort", "seed", "prompt", title=f"first {show} jobs")
-        for row in jobs.slice(0, show).select(["job_id", "cohort", "seed", "prompt"]).to_pylist():
-            t.add_row(row["job_id"], row["cohort"], str(row["seed"]), row["prompt"])
-        out_console.print(t)
+    report = plan_report(recipe, out, show)
+    _print_plan(report)
     if out is not None:
-        write_jobs(jobs, out)
-        out_console.print(f"wrote {jobs.num_rows} jobs to {out}")
+        out_console.print(f"wrote {report.jobs} jobs to {out}")
 
 
-def _print_plan(jobs, backend: str) -> None:
-    from .plan.summary import cohort_summary, estimate_seconds
-
+def _print_plan(report) -> None:
     t = Table("cohort", "images", "views", "female", "age (median, range)", "findings (prevalence)", title="plan")
-    for c in cohort_summary(jobs):
+    for c in report.cohorts:
         views = ", ".join(f"{k} {v:.0%}" for k, v in c["views"].items())
         findings = ", ".join(f"{k} {v:.0%}" for k, v in c["findings"].items()) or "none"
         t.add_row(c["cohort"], str(c["count"]), views, f"{c['female']:.0%}", "{} ({}-{})".format(*c["age"]), findings)
     out_console.print(t)
-    secs = estimate_seconds(jobs, backend)
-    if secs is not None:
-        out_console.print(f"{jobs.num_rows} images; about {_duration(secs)} on one CPU with the {backend} backend")
+    if report.seconds is not None:
+        out_console.print(f"{report.jobs} images; about {_duration(report.seconds)} on one CPU with the {report.backend} backend")
+    if report.first:
+        t = Table("job_id", "cohort", "seed", "prompt", title=f"first {len(report.first)} jobs")
+        for row in report.first:
+            t.add_row(row["job_id"], row["cohort"], str(row["seed"]), row["prompt"])
+        out_console.print(t)
 
 
 def _duration(seconds: float) -> str:
@@ -149,6 +143,7 @@ def generate(
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0, help="GPUs each Ray actor takes (0 = CPU actors)."),
     export_threads: int = typer.Option(2, "--export-threads", min=1, help="Threads encoding and writing files beside the device."),
     max_attempts: int = typer.Option(2, "--max-attempts", min=1, help="Tries per job when a worker crashes."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take over the lock of --out left by a run of another host that is gone (a run of this host is judged by itself)."),
 ) -> None:
     """Generate a dataset: images (PNG/DICOM), masks, COCO boxes, manifest.parquet, dataset card.
 
@@ -156,18 +151,21 @@ def generate(
 
     Examples: [bold]chexforge generate recipes/quickstart.yaml --out out/q[/bold] · [bold]chexforge generate --jobs jobs.parquet --out out/q --limit 100[/bold] · [bold]chexforge generate r.yaml --out out/s3 --shard 3/16[/bold]
     """
-    from .runtime import RunOptions, open_jobs, run
+    from .runtime import RunOptions
+    from .runtime import generate as make_dataset
+    from .runtime.runner import dry_run as plan_only
     from .runtime.runner import parse_shard
 
-    r, source = open_jobs(recipe, jobs)
     if dry_run:
-        _print_plan(source.table(), r.backend)
+        _print_plan(plan_only(recipe, jobs))
         return
     options = RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
                          progress=progress, devices=devices, engine=engine, ray_address=ray_address,
                          ray_actors=ray_actors, gpus_per_actor=gpus_per_actor, shard=parse_shard(shard),
-                         export_threads=export_threads, max_attempts=max_attempts)
-    summary = run(source, r, out, options)
+                         export_threads=export_threads, max_attempts=max_attempts, break_lock=break_lock,
+                         on_warning=lambda text: err.print(f"[yellow]warning:[/yellow] {text}", highlight=False,
+                                                           soft_wrap=True))
+    summary = make_dataset(out, recipe, jobs, options)
     done = summary.skipped + summary.generated + summary.failed
     line = (f"{summary.generated} new image(s) in {summary.seconds:.1f} s ({summary.rate:.2f} img/s); "
             f"{done}/{summary.planned} jobs done in {out}")
@@ -195,15 +193,21 @@ def status(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
     st = run_status(out)
     t = Table(show_header=False, title=str(out))
     t.add_row("state", st.state)
+    if st.writer is not None:
+        t.add_row("run", st.writer)
     if st.engine is not None:
         t.add_row("engine / devices", f"{st.engine} / {', '.join(st.devices)}")
+    if st.started is not None:
         t.add_row("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.started)))
-        t.add_row("rate (this run)", f"{st.rate:.2f} images/s")
+    if st.engine is not None:
+        t.add_row("rate (this run)", "measuring (no batch reported yet)" if st.rate is None else f"{st.rate:.2f} images/s")
     if st.eta_seconds is not None:
         t.add_row("ETA", f"{_duration(st.eta_seconds)} ({st.left} left)")
     t.add_row("done", f"{st.ok} of {st.planned}" + (f" ({100 * st.ok / st.planned:.1f} %)" if st.planned else ""))
     t.add_row("failed", str(st.failed))
     out_console.print(t)
+    for w in st.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     for r in st.errors:
         err.print(f"failed {r['job_id']}: {r['error']}", highlight=False)
 
@@ -212,13 +216,41 @@ def status(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
 def merge(
     sources: list[str] = typer.Argument(..., help="Output folders (shards) of one plan.", show_default=False),
     out: str = typer.Option(..., "--out", "-o", help="The merged dataset folder."),
+    break_lock: bool = typer.Option(False, "--break-lock", help="Take over the lock of --out left by a run of another host that is gone."),
 ) -> None:
     """Join shard outputs into one dataset, checking every file's SHA-256 and refusing conflicting duplicates."""
     from .runtime.merge import merge as do_merge
 
-    info = do_merge(sources, out)
+    info = do_merge(sources, out, break_lock=break_lock)
     out_console.print(f"merged {len(sources)} folders into {out}: {info['jobs']} jobs ({info['ok']} images, "
                       f"{info['failed']} failed), {info['files']} files verified, {info['duplicates']} duplicates dropped")
+
+
+@app.command()
+def verify(out: str = typer.Argument(..., help="An output folder (or URL) of `chexforge generate` or `merge`.", show_default=False)) -> None:
+    """Re-hash every file against the manifest: list missing, corrupt and orphan files (exit status 1 when any).
+
+    A re-run of `generate` makes missing and truncated files again; delete a corrupt file and re-run to make it again.
+    """
+    from .runtime.verify import verify as check
+
+    report = check(out)
+    for line in report.damaged:
+        out_console.print(f"damaged manifest file {line}", highlight=False, soft_wrap=True)
+    for rel in report.missing:
+        out_console.print(f"missing {rel}", highlight=False, soft_wrap=True)
+    for line in report.corrupt:
+        out_console.print(f"corrupt {line}", highlight=False, soft_wrap=True)
+    for rel in report.orphans:
+        out_console.print(f"orphan  {rel} (no manifest row names it)", highlight=False, soft_wrap=True)
+    summary = (f"{out}: {report.files} files of {report.jobs} jobs checked; {len(report.missing)} missing, "
+               f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphan")
+    if report.damaged:
+        summary += f", {len(report.damaged)} damaged manifest file(s)"
+    out_console.print(summary if report.problems else f"{out}: all {report.files} files of {report.jobs} jobs match the manifest",
+                      highlight=False, soft_wrap=True)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 # ---- inspect ----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import hashlib
 import os
 import posixpath
 import shutil
+import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import atomic
@@ -45,6 +47,18 @@ class Store:
         raise NotImplementedError
 
     def remove(self, rel: str) -> None:
+        raise NotImplementedError
+
+    def size(self, rel: str) -> int | None:
+        """The file's size in bytes; None when there is no such file."""
+        raise NotImplementedError
+
+    def files(self, rel: str = "") -> Iterator[str]:
+        """Every file under the folder `rel` (recursively), as paths relative to the root."""
+        raise NotImplementedError
+
+    def move(self, rel: str, dest: str) -> None:
+        """Rename a file within the store (dest's folder is created)."""
         raise NotImplementedError
 
     def remove_tree(self, rel: str) -> None:
@@ -112,6 +126,26 @@ class LocalStore(Store):
         with contextlib.suppress(FileNotFoundError):
             (self.path / rel).unlink()
 
+    def size(self, rel: str) -> int | None:
+        try:
+            st = os.stat(self._abs(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def files(self, rel: str = "") -> Iterator[str]:
+        top = self._abs(rel) if rel else self.root
+        for folder, dirs, names in os.walk(top):
+            dirs.sort()
+            head = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            for name in sorted(names):
+                yield name if head == "." else f"{head}/{name}"
+
+    def move(self, rel: str, dest: str) -> None:
+        os.makedirs(os.path.dirname(self._abs(dest)), exist_ok=True)
+        os.replace(self._abs(rel), self._abs(dest))
+        atomic.fsync_dir(os.path.dirname(self._abs(dest)))
+
     def remove_tree(self, rel: str) -> None:
         p = self.path / rel
         if p.is_dir():
@@ -126,10 +160,14 @@ class LocalStore(Store):
         atomic.fsync_dir(self.path)
 
     def mkdir(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise not_a_folder(self.root)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise not_a_folder(self.root, parent=True) from None
         except OSError as e:
-            raise atomic.disk_error(e, self.path) from None
+            raise atomic.disk_error(e, self.path, resume=False) from None
 
 
 class FsspecStore(Store):
@@ -176,6 +214,25 @@ class FsspecStore(Store):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._key(rel))
 
+    def size(self, rel: str) -> int | None:
+        try:
+            info = self.fs.info(self._key(rel))
+        except (FileNotFoundError, OSError):
+            return None
+        return int(info["size"]) if info.get("type") == "file" else None
+
+    def files(self, rel: str = "") -> Iterator[str]:
+        top = self._key(rel)
+        if not self.fs.exists(top):
+            return
+        base = self.base.rstrip("/") + "/"
+        for p in sorted(self.fs.find(top)):
+            yield p[len(base):] if p.startswith(base) else p
+
+    def move(self, rel: str, dest: str) -> None:
+        self.fs.makedirs(posixpath.dirname(self._key(dest)), exist_ok=True)
+        self.fs.mv(self._key(rel), self._key(dest))
+
     def remove_tree(self, rel: str) -> None:
         if self.fs.exists(self._key(rel)):
             self.fs.rm(self._key(rel), recursive=True)
@@ -191,9 +248,18 @@ class FsspecStore(Store):
 
     def mkdir(self) -> None:
         try:
+            if self.fs.isfile(self.base):
+                raise not_a_folder(self.root)
             self.fs.makedirs(self.base, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise not_a_folder(self.root, parent=True) from None
         except OSError as e:
-            raise atomic.disk_error(e, self.root) from None
+            raise atomic.disk_error(e, self.root, resume=False) from None
+
+
+def not_a_folder(where: str, parent: bool = False) -> UserError:
+    what = "a part of this path is a file" if parent else "this is a file"
+    return UserError(f"{what}, not a folder: an output must be a folder (it is created when missing)", where)
 
 
 def as_store(target: Store | str | Path) -> Store:

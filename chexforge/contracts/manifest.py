@@ -1,6 +1,8 @@
 """The manifest row (out/manifest.parquet, DESIGN.md "Manifest"): every job column, plus what
 was written (paths relative to out/, SHA-256 of each file), the boxes and masks actually realised,
-the backend identity, attempts and timings. Reading and writing it is export/manifest.py's work.
+the backend identity, attempts and timings, and each file's size in bytes (a resumed run checks
+files by existence and size; `chexforge verify` by SHA-256). Reading and writing it is
+export/manifest.py's work.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ PARTS = ".parts"
 
 FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
 STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
+# Columns added after the first release: a manifest written before them reads with them null.
+SIZE_COLUMNS = ["bytes_png", "bytes_dicom", "bytes_masks"]
+OPTIONAL_COLUMNS = frozenset(SIZE_COLUMNS)
+# What a resumed run reads to decide which jobs are done (files present at their recorded size).
+CHECK_COLUMNS = [*STATUS_COLUMNS, "masks", *SIZE_COLUMNS]
 
 
 def manifest_schema() -> pa.Schema:
@@ -35,5 +42,8 @@ def manifest_schema() -> pa.Schema:
         pa.field("attempts", pa.int16()),
         pa.field("seconds_generate", pa.float32()),
         pa.field("seconds_export", pa.float32()),
+        pa.field("bytes_png", pa.int64()),  # file sizes: null in manifests written before they were recorded
+        pa.field("bytes_dicom", pa.int64()),
+        pa.field("bytes_masks", pa.list_(pa.int64())),  # one per entry of `masks`, same order
     ]
     return pa.schema(list(job_schema()) + extra)

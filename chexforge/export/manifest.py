@@ -11,14 +11,33 @@ the batches in flight.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..contracts.jobs import decode_job_ids, table_bytes, with_recipe
-from ..contracts.manifest import MANIFEST, PARTS, STATUS_COLUMNS, manifest_schema  # noqa: F401 (this module's API too)
+from ..contracts.manifest import (  # noqa: F401 (this module's API too)
+    CHECK_COLUMNS,
+    MANIFEST,
+    OPTIONAL_COLUMNS,
+    PARTS,
+    STATUS_COLUMNS,
+    manifest_schema,
+)
 from ..errors import UserError
 from ..store import Store, as_store
+
+QUARANTINE = ".quarantine"  # damaged manifest files are moved here, never deleted
+
+
+class DamagedManifest(UserError):
+    """A manifest file (manifest.parquet or a part) that cannot be read: truncated, overwritten."""
+
+    def __init__(self, store: Store, rel: str, why: str):
+        self.rel = rel
+        super().__init__(f"the manifest is unreadable ({why}); it was not written by a complete chexforge run",
+                         f"{store.root}/{rel}")
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -38,17 +57,56 @@ def part_names(store: Store) -> list[str]:
 
 
 def _read(store: Store, rel: str, columns: list[str] | None = None) -> pa.Table:
-    try:
-        t = pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"the manifest is unreadable ({e}); it was not written by a complete chexforge run",
-                        f"{store.root}/{rel}") from None
     want = columns or manifest_schema().names
-    missing = [c for c in want if c not in t.column_names]
+    try:
+        data = store.read_bytes(rel)
+        present = pq.read_schema(io.BytesIO(data)).names
+        t = pq.read_table(io.BytesIO(data), columns=[c for c in want if c in present])
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DamagedManifest(store, rel, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    missing = [c for c in want if c not in t.column_names and c not in OPTIONAL_COLUMNS]
     if missing:
         raise UserError(f"not a chexforge manifest: missing {', '.join(missing[:4])}", f"{store.root}/{rel}")
     schema = manifest_schema()
+    for c in want:  # columns newer than the file: null
+        if c not in t.column_names:
+            t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
     return t.select(want).cast(pa.schema([schema.field(c) for c in want]))
+
+
+def damaged(store: Store) -> list[tuple[str, str]]:
+    """(file, why) for every manifest file (manifest.parquet, parts) that does not read whole.
+    Each is read to the end, a row group at a time, every column decoded."""
+    store = as_store(store)
+    bad = []
+    for rel in sources(store):
+        try:
+            local = store.local_path(rel)
+            pf = pq.ParquetFile(str(local) if local is not None else io.BytesIO(store.read_bytes(rel)))
+            missing = [c for c in manifest_schema().names if c not in pf.schema_arrow.names and c not in OPTIONAL_COLUMNS]
+            if missing:
+                bad.append((rel, f"not a chexforge manifest: missing {', '.join(missing[:4])}"))
+                continue
+            for _ in pf.iter_batches(batch_size=8192):
+                pass
+        except (pa.ArrowException, OSError, ValueError) as e:
+            bad.append((rel, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return bad
+
+
+def quarantine(store: Store, rel: str) -> str:
+    """Move a damaged manifest file aside, under .quarantine/ (a unique name); return where."""
+    import time
+
+    store = as_store(store)
+    base = rel.replace("/", "_")
+    dest = f"{QUARANTINE}/{time.strftime('%Y%m%d-%H%M%S')}-{base}"
+    k = 1
+    while store.exists(dest):
+        k += 1
+        dest = f"{QUARANTINE}/{time.strftime('%Y%m%d-%H%M%S')}-{k}-{base}"
+    store.move(rel, dest)
+    return dest
 
 
 def sources(store: Store) -> list[str]:
@@ -56,10 +114,19 @@ def sources(store: Store) -> list[str]:
     return ([MANIFEST] if store.exists(MANIFEST) else []) + part_names(store)
 
 
-def read_manifest(store: Store, columns: list[str] | None = None) -> pa.Table:
-    """manifest.parquet plus every committed part; the last row for a job id wins."""
+def read_manifest(store: Store, columns: list[str] | None = None,
+                  on_damaged: Callable[[DamagedManifest], None] | None = None) -> pa.Table:
+    """manifest.parquet plus every committed part; the last row for a job id wins. A file that
+    does not read raises `DamagedManifest`, or with `on_damaged` is reported there and left out."""
     store = as_store(store)
-    tables = [_read(store, rel, columns) for rel in sources(store)]
+    tables = []
+    for rel in sources(store):
+        try:
+            tables.append(_read(store, rel, columns))
+        except DamagedManifest as e:
+            if on_damaged is None:
+                raise
+            on_damaged(e)
     if not tables:
         schema = manifest_schema()
         return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()

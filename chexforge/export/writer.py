@@ -1,6 +1,7 @@
 """Write one Sample's files and return its manifest row.
 
-Files are written atomically (temp + rename), each hashed as it is written. The row is only
+Files are written atomically (temp + rename), each hashed as it is written and its size
+recorded. The row is only
 committed to the manifest after every file of the job is in place, so a file counted as done
 is always complete.
 """
@@ -42,18 +43,22 @@ def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: li
                 "meta": json.dumps(sample.meta, sort_keys=True), "seconds_export": 0.0}
     where = paths(job)
     if "png" in formats:
-        row["image_png"] = where["png"]
-        row["sha256_png"] = store.write_bytes(where["png"], png.png16_bytes(sample.image))
+        data = png.png16_bytes(sample.image)
+        row["image_png"], row["bytes_png"] = where["png"], len(data)
+        row["sha256_png"] = store.write_bytes(where["png"], data)
     if "dicom" in formats:
         pixel_mm = sample.projection.pixel_spacing_mm if sample.projection is not None else None
-        row["image_dicom"] = where["dicom"]
-        row["sha256_dicom"] = store.write_bytes(where["dicom"], dx_bytes(sample.image, job, pixel_mm, identity))
-    masks = []
+        data = dx_bytes(sample.image, job, pixel_mm, identity)
+        row["image_dicom"], row["bytes_dicom"] = where["dicom"], len(data)
+        row["sha256_dicom"] = store.write_bytes(where["dicom"], data)
+    masks, sizes = [], []
     if write_masks:
         for name, mask in sorted(sample.masks.items()):
             rel = f"{where['masks']}_{slug(name)}.png"
-            masks.append({"name": name, "path": rel, "sha256": store.write_bytes(rel, png.mask_bytes(np.asarray(mask)))})
-    row.update(status="ok", error=None, masks=masks, realised_boxes=sample.boxes,
+            data = png.mask_bytes(np.asarray(mask))
+            masks.append({"name": name, "path": rel, "sha256": store.write_bytes(rel, data)})
+            sizes.append(len(data))
+    row.update(status="ok", error=None, masks=masks, bytes_masks=sizes, realised_boxes=sample.boxes,
                meta=json.dumps(sample.meta, sort_keys=True, default=_jsonable),
                seconds_export=time.perf_counter() - t0)
     return row

@@ -8,12 +8,20 @@ keeps the existing jobs.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from .. import atomic
 from ..contracts.backends import backend_info
 from ..contracts.jobs import (
+    decode_job_ids,
     encode_job_ids,
     job_schema,
     laterality_column,
@@ -21,9 +29,10 @@ from ..contracts.jobs import (
     with_recipe,
 )
 from ..contracts.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
-from ..recipe.loader import recipe_dict, stable_hash
+from ..recipe.loader import load_recipe, recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe, layout_source
 from . import layout, prompts, rng, sampling
+from .summary import cohort_summary, estimate_seconds
 
 
 def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
@@ -39,6 +48,7 @@ def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
 
 
 CHUNK = 16384
+ROW_GROUP = 65536  # rows per Parquet row group of jobs.parquet (contracts.jobs.table_bytes writes the same)
 
 
 def plan(recipe: Recipe) -> pa.Table:
@@ -49,9 +59,124 @@ def plan(recipe: Recipe) -> pa.Table:
     raw = np.concatenate([rng.bits(cohort_key(recipe, c), np.arange(c.count, dtype=np.uint64), "id")
                           for c in recipe.cohorts])
     raw.sort()
-    if len(raw) > 1 and not np.all(raw[1:] != raw[:-1]):  # 64-bit ids: practically impossible, but never silent
-        raise RuntimeError("job id collision; change the recipe seed")
+    _check_unique(raw)
     return with_recipe(table, recipe_dict(recipe))
+
+
+def _check_unique(sorted_ids: np.ndarray) -> None:
+    if len(sorted_ids) > 1 and not np.all(sorted_ids[1:] != sorted_ids[:-1]):  # 64-bit ids: practically impossible, but never silent
+        raise RuntimeError("job id collision; change the recipe seed")
+
+
+@dataclass
+class PlanReport:
+    """What `chexforge plan` (and `generate --dry-run`) shows of a job stream."""
+
+    jobs: int
+    cohorts: list[dict]  # per cohort, as plan.summary.cohort_summary gives it
+    seconds: float | None  # rough wall time on one CPU (None: the backend gives no estimate)
+    first: list[dict] = field(default_factory=list)  # the first jobs asked for: job_id, cohort, seed, prompt
+    path: str | None = None  # the jobs.parquet written, if any
+    backend: str = ""
+
+
+def summarise(chunks: Iterable[pa.Table], backend: str, show: int = 0,
+              sink: Callable[[pa.Table], None] | None = None) -> PlanReport:
+    """One pass over a job stream: the per-cohort composition (the streaming tally behind
+    `cohort_summary`), the job count, the time estimate and the first `show` jobs; `sink` sees
+    every chunk on the way. Memory is bounded by a chunk, whatever the number of jobs."""
+    report = PlanReport(0, [], 0.0, backend=backend)
+
+    def tables():
+        for t in chunks:
+            if sink is not None:
+                sink(t)
+            report.jobs += t.num_rows
+            secs = estimate_seconds(t, backend) if t.num_rows else 0.0
+            report.seconds = None if secs is None or report.seconds is None else report.seconds + secs
+            if len(report.first) < show:
+                head = t.slice(0, show - len(report.first)).select(["job_id", "cohort", "seed", "prompt"])
+                report.first += head.to_pylist()
+            yield t
+
+    report.cohorts = cohort_summary(tables())  # Composition.of: a stream of tables, tallied one at a time
+    if report.jobs == 0:
+        report.seconds = None
+    return report
+
+
+def plan_report(recipe: Recipe | str | Path, out: str | Path | None = None, show: int = 0,
+                chunk: int = CHUNK) -> PlanReport:
+    """`chexforge plan`: the plan of a recipe summarised and, with `out`, written to jobs.parquet,
+    streamed chunk by chunk through `iter_plan`. The file is byte for byte what
+    `write_jobs(plan(recipe), out)` writes; memory holds a chunk, a row group and the job ids
+    (8 bytes a job, to prove them unique)."""
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if out is None:
+        return summarise(iter_plan(r, chunk), r.backend, show)
+    path = os.fspath(out)
+    ids = np.empty(r.total, dtype=np.uint64)
+    schema = job_schema().with_metadata(with_recipe(job_schema().empty_table(), recipe_dict(r)).schema.metadata)
+    try:
+        with atomic.atomic_open(path) as f:
+            writer = pq.ParquetWriter(f, schema, compression="zstd")
+            group = _RowGroups(writer, schema)
+            filled = 0
+
+            def sink(t: pa.Table) -> None:
+                nonlocal filled
+                ids[filled:filled + t.num_rows] = decode_job_ids(t.column("job_id"))
+                filled += t.num_rows
+                group.add(t)
+
+            report = summarise(iter_plan(r, chunk), r.backend, show, sink)
+            group.close()
+            writer.close()
+            ids.sort()
+            _check_unique(ids)
+    except OSError as e:
+        raise atomic.disk_error(e, path, resume=False) from None
+    report.path = path
+    return report
+
+
+class _RowGroups:
+    """Write tables as Parquet row groups of exactly ROW_GROUP rows (the last one shorter), as
+    pq.write_table(whole, row_group_size=ROW_GROUP) does, whatever size the tables come in."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema):
+        self.writer, self.schema = writer, schema
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self.written = 0
+
+    def add(self, t: pa.Table) -> None:
+        if t.num_rows:
+            self.pending.append(t.replace_schema_metadata(self.schema.metadata))
+            self.rows += t.num_rows
+        while self.rows >= ROW_GROUP:
+            self._write(ROW_GROUP)
+
+    def close(self) -> None:
+        if self.rows or not self.written:  # an empty plan: one empty table, as write_table writes it
+            self._write(self.rows)
+
+    def _write(self, n: int) -> None:
+        # The Parquet writer's page and dictionary decisions follow the Arrow chunks it is given, and
+        # the whole plan has one chunk per cohort: so the pieces of a cohort are joined into one.
+        runs: list[list[pa.Table]] = []
+        for t in self.pending:
+            if runs and runs[-1][0].column("cohort")[0] == t.column("cohort")[0]:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        pieces = [pa.concat_tables(run).combine_chunks() for run in runs]
+        table = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
+        self.writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP)
+        rest = table.slice(n)
+        self.pending = [rest] if rest.num_rows else []
+        self.rows -= n
+        self.written += 1
 
 
 def iter_plan(recipe: Recipe, chunk: int | None = CHUNK):

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..contracts.jobs import JOB_COLUMNS, decode_job_ids, job_schema, shard_mask
+from ..contracts.jobs import JOB_COLUMNS, decode_job_ids, shard_mask
 from ..plan import iter_plan
 from ..recipe.schema import Recipe
 
@@ -46,11 +46,6 @@ class JobSource:
             table = select_shard(pa.Table.from_batches([chunk]) if isinstance(chunk, pa.RecordBatch) else chunk, shard)
             if table.num_rows:
                 yield table
-
-    def table(self) -> pa.Table:
-        """Every job at once (for a dry run's summary; a run streams the chunks instead)."""
-        tables = list(self.chunks())
-        return pa.concat_tables(tables) if tables else job_schema().empty_table()
 
     def ids(self, shard: Shard | None = None) -> np.ndarray:
         parts = [decode_job_ids(t.column("job_id")) for t in self.chunks(shard)]

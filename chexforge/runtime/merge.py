@@ -3,11 +3,13 @@
 Every source file's SHA-256 is checked against its manifest before it is taken; a job id that
 appears twice must have the same image (then it is kept once), otherwise the merge stops and
 names it. Files are hard-linked when source and target share a local file system, else copied
-(atomically). The merged manifest, COCO file, recipe and dataset card are written last.
+(atomically). The merged manifest, COCO file, recipe and dataset card are written last. A
+refused merge removes what it wrote; the target is locked while the merge writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +25,7 @@ from ..export import manifest as mf
 from ..recipe.loader import recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
+from .lock import OutputLock
 from .runner import write_dataset_files
 
 
@@ -32,14 +35,14 @@ def _files(row: dict) -> list[tuple[str, str]]:
     return out
 
 
-def merge(sources: list[str], out: str, progress=None) -> dict:
+def merge(sources: list[str], out: str, progress=None, break_lock: bool = False) -> dict:
+    """Join output folders of one plan into `out`. Everything that can refuse the merge is checked
+    before anything is written (the recipes, conflicting duplicates); a file whose hash does not
+    match its manifest stops it during the copy, and then every file this merge wrote is removed
+    again, so a refused merge leaves `out` as it found it. `out` is locked while it is written."""
     if not sources:
         raise UserError("name the output folders to merge")
-    target = open_store(out)
-    if hasattr(target, "mkdir"):
-        target.mkdir()
-    target.sweep()
-    tables, recipes, seen = [], [], {}
+    tables, recipes = [], []
     for src in sources:
         store = open_store(src)
         if not store.exists(mf.MANIFEST) and not mf.part_names(store):
@@ -53,7 +56,26 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
     known = [r for r in recipes if r is not None]
     if any(json.dumps(r, sort_keys=True) != json.dumps(known[0], sort_keys=True) for r in known[1:]):
         raise UserError("the folders were made from different recipes; merge shards of one plan only")
-    rows_out, copied, deduped = [], 0, 0
+    taken, deduped = _select_rows(tables)  # refuses conflicting duplicates: nothing written yet
+    target = open_store(out)
+    fresh = target.local_path() is not None and not target.local_path().exists()
+    if hasattr(target, "mkdir"):
+        target.mkdir()
+    created: list[str] = []
+    try:
+        with OutputLock(target, break_lock=break_lock):
+            target.sweep()
+            return _write(target, taken, deduped, known[0] if known else {}, created, progress)
+    except BaseException:
+        _roll_back(target, created, fresh)
+        raise
+
+
+def _select_rows(tables: list[tuple[Store, object]]) -> tuple[list[tuple[Store, dict]], int]:
+    """Every job once, with the folder it comes from; a job id twice with different images stops
+    the merge, naming it (an identical duplicate is kept once)."""
+    seen: dict[str, tuple[Store, dict]] = {}
+    taken, deduped = [], 0
     for store, table in tables:
         for row in table.to_pylist():
             job = row["job_id"]
@@ -63,17 +85,28 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
                 deduped += 1
                 continue
             seen[job] = (store, row)
-            if row["status"] == "ok":
-                for rel, digest in _files(row):
-                    _take(store, target, rel, digest)
-                    copied += 1
-            rows_out.append(row)
-            if progress:
-                progress(len(rows_out))
+            taken.append((store, row))
+    return taken, deduped
+
+
+def _write(target: Store, taken: list[tuple[Store, dict]], deduped: int, recipe_json: dict, created: list[str],
+           progress) -> dict:
+    rows_out, copied = [], 0
+    for store, row in taken:
+        if row["status"] == "ok":
+            for rel, digest in _files(row):
+                if _take(store, target, rel, digest):
+                    created.append(rel)
+                copied += 1
+        rows_out.append(row)
+        if progress:
+            progress(len(rows_out))
     merged = mf.rows_to_table(rows_out)
-    recipe_json = known[0] if known else {}
-    if known:
+    if recipe_json:
         merged = with_recipe(merged, recipe_json)
+    for rel in (mf.MANIFEST, "recipe.yaml", "coco.json", "README.md"):
+        if not target.exists(rel):
+            created.append(rel)
     target.write_bytes(mf.MANIFEST, table_bytes(merged))
     for rel in mf.part_names(target):
         target.remove(rel)
@@ -84,12 +117,36 @@ def merge(sources: list[str], out: str, progress=None) -> dict:
     return {"jobs": len(rows_out), "ok": ok, "failed": len(rows_out) - ok, "files": copied, "duplicates": deduped}
 
 
+def _roll_back(target: Store, created: list[str], fresh: bool) -> None:
+    """Remove the files a refused merge wrote, the folders it left empty, and `out` itself when
+    the merge created it."""
+    for rel in created:
+        with contextlib.suppress(Exception):
+            target.remove(rel)
+    local = target.local_path()
+    if local is None:
+        return
+    folders = sorted({os.path.dirname(rel) for rel in created if os.path.dirname(rel)}, key=len, reverse=True)
+    for rel in folders:
+        path = os.path.join(local, rel)
+        while os.path.normpath(path) != os.path.normpath(local):
+            try:
+                os.rmdir(path)  # only when empty
+            except OSError:
+                break
+            path = os.path.dirname(path)
+    if fresh:
+        with contextlib.suppress(OSError):
+            os.rmdir(local)
+
+
 def _signature(row: dict) -> tuple:
     return (row["status"], row.get("sha256_png"), row.get("sha256_dicom"))
 
 
-def _take(source: Store, target: Store, rel: str, digest: str) -> None:
-    """Verify a file's hash at the source, then link or copy it into the target."""
+def _take(source: Store, target: Store, rel: str, digest: str) -> bool:
+    """Verify a file's hash at the source, then link or copy it into the target. Returns whether
+    the file is new in the target."""
     src_local, dst_local = source.local_path(rel), target.local_path(rel)
     data = source.read_bytes(rel) if src_local is None else None
     if src_local is not None:
@@ -103,14 +160,16 @@ def _take(source: Store, target: Store, rel: str, digest: str) -> None:
                         "after it was written", source.root)
     if src_local is not None and dst_local is not None:
         if dst_local.exists():
-            return
+            return False
         dst_local.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src_local, dst_local)
-            return
+            return True
         except OSError:
             data = src_local.read_bytes()
+    new = not target.exists(rel)
     target.write_bytes(rel, data if data is not None else Path(src_local).read_bytes())
+    return new
 
 
 __all__ = ["merge"]

@@ -1,7 +1,9 @@
 """Run a job table into an output folder: resumable, crash-safe, sharded, local or on Ray.
 
 The manifest is the only record of what is done (DESIGN.md): a re-run reads it, skips every
-job whose files are in place, and carries on. `--shard i/n` keeps the jobs whose id hashes to
+job whose files are in place (present, at the size the manifest records), and carries on; a
+manifest file that no longer reads whole is moved aside to .quarantine/ with a warning and its
+jobs are made again. One run writes a folder at a time (runtime/lock.py). `--shard i/n` keeps the jobs whose id hashes to
 shard i, so n independent runs (a Slurm array) partition the plan; `chexforge merge` joins
 their folders. The engines (runtime/pool.py, runtime/ray_engine.py) make and commit batches;
 this module prepares the folder, chooses the jobs and writes the final manifest, COCO file and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +27,18 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
+from ..plan import PlanReport, summarise
 from ..recipe.loader import load_recipe, recipe_dict, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
 from .batch import RunSpec
 from .jobs import JobSource, Shard, in_sorted, todo_batches
+from .lock import OutputLock
 from .pool import parse_devices, run_inprocess, run_workers
-from .progress import Tracker
+from .progress import CtrlC, Tracker
 
 OUTPUTS = ("images", "dicom", "masks", mf.PARTS, mf.MANIFEST, "coco.json", "README.md", "recipe.yaml",
-           "contact_sheet.png", ".run.json")
+           "contact_sheet.png", ".run.json", mf.QUARANTINE)
 
 
 @dataclass
@@ -51,6 +56,8 @@ class RunOptions:
     gpus_per_actor: float = 0.0
     shard: Shard | None = None
     max_attempts: int = 2
+    break_lock: bool = False  # take over a lock this host cannot judge (a run of another host)
+    on_warning: Callable[[str], None] | None = None  # told each warning as it happens (also in RunSummary)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class RunSummary:
     device_seconds: float = 0.0
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -81,18 +89,28 @@ def parse_shard(text: str | None) -> Shard | None:
     return i, n
 
 
-def prepare_output(store: Store, overwrite: bool) -> None:
+def make_folder(store: Store) -> None:
+    """Create the output folder (one line when --out names a file)."""
     if hasattr(store, "mkdir"):
         store.mkdir()
+
+
+def prepare_output(store: Store, overwrite: bool, warn: Callable[[str], None] = lambda _: None) -> None:
+    """With the folder's lock held: clear it for --overwrite, sweep what a killed run left, and
+    move damaged manifest files aside."""
     if overwrite:
         for name in OUTPUTS:  # only what chexforge writes: never a user's other files
             store.remove_tree(name)
     store.sweep()
+    for rel, why in mf.damaged(store):
+        dest = mf.quarantine(store, rel)
+        warn(f"{rel} was damaged ({why}); moved it to {dest}: the jobs it recorded are made again")
 
 
 def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarray:
-    """Ids (uint64) the manifest holds with all their files present; checks the plan matches."""
-    table = mf.read_manifest(store, mf.STATUS_COLUMNS)
+    """Ids (uint64) the manifest holds with all their files in place (present, and at the recorded
+    size where the manifest records sizes); checks the plan matches."""
+    table = mf.read_manifest(store, mf.CHECK_COLUMNS)
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.uint64)
     ids = decode_job_ids(table.column("job_id"))
@@ -100,15 +118,28 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
     if foreign:
         raise UserError(f"this folder holds {foreign} images of a different plan (was the recipe or the shard "
                         "changed?); use another --out, or --overwrite to replace them", store.root)
-    local = store.local_path()
     keep = np.zeros(len(ids), dtype=bool)
-    for i, row in enumerate(table.select(["status", "image_png", "image_dicom"]).to_pylist()):
-        if row["status"] != "ok":
-            keep[i] = not retry_failed
-            continue
-        files = [row[k] for k in ("image_png", "image_dicom") if row[k]]
-        keep[i] = all(os.path.exists(os.path.join(local, f)) for f in files) if local else all(store.exists(f) for f in files)
+    i = 0
+    for batch in table.to_batches(max_chunksize=8192):
+        for row in batch.to_pylist():
+            keep[i] = (all(_in_place(store, rel, size) for rel, size in _files(row)) if row["status"] == "ok"
+                       else not retry_failed)
+            i += 1
     return ids[keep]
+
+
+def _files(row: dict) -> list[tuple[str, int | None]]:
+    """(path, recorded size or None) of each file of a manifest row."""
+    out = [(row[k], row[b]) for k, b in (("image_png", "bytes_png"), ("image_dicom", "bytes_dicom")) if row[k]]
+    masks, sizes = row.get("masks") or [], row.get("bytes_masks")
+    if sizes is None or len(sizes) != len(masks):
+        sizes = [None] * len(masks)
+    return out + [(m["path"], n) for m, n in zip(masks, sizes)]
+
+
+def _in_place(store: Store, rel: str, size: int | None) -> bool:
+    actual = store.size(rel)
+    return actual is not None and (size is None or actual == size)
 
 
 def batch_size_of(recipe: Recipe, override: int | None) -> int:
@@ -134,21 +165,42 @@ def generate(out: str | Path, recipe: str | Path | None = None, jobs: str | Path
     return run(source, r, out, options)
 
 
+def dry_run(recipe: str | Path | None = None, jobs: str | Path | None = None, show: int = 0) -> PlanReport:
+    """`chexforge generate --dry-run`: what the run would make, summarised from the job stream
+    chunk by chunk (memory bounded by a chunk, whatever the number of jobs); writes nothing."""
+    r, source = open_jobs(recipe, jobs)
+    return summarise(source.chunks(), r.backend, show)
+
+
 def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: RunOptions | None = None) -> RunSummary:
-    """Make every job of `jobs` (a table, or a stream from the recipe or a jobs file) into `out`."""
+    """Make every job of `jobs` (a table, or a stream from the recipe or a jobs file) into `out`,
+    holding the folder's lock (a second writer is refused with one line naming this run)."""
     options = options or RunOptions()
     if options.engine not in ("local", "ray"):
         raise UserError(f"--engine takes local or ray, not {options.engine!r}")
     source = jobs if isinstance(jobs, JobSource) else JobSource.from_table(jobs)
     store = open_store(out)
-    prepare_output(store, options.overwrite)
+    make_folder(store)
+    with OutputLock(store, break_lock=options.break_lock), CtrlC():  # Ctrl-C: progress.py
+        return _run_locked(source, recipe, store, options)
+
+
+def _run_locked(source: JobSource, recipe: Recipe, store: Store, options: RunOptions) -> RunSummary:
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:
+        warnings.append(text)
+        if options.on_warning is not None:
+            options.on_warning(text)
+
+    prepare_output(store, options.overwrite, warn)
     store.write_text("recipe.yaml", recipe_to_yaml(recipe))
     planned = source.ids(options.shard)
     done = done_ids(store, planned, options.retry_failed)
     todo = len(planned) - len(done)
     if options.limit is not None:
         todo = min(todo, max(0, options.limit))
-    summary = RunSummary(planned=len(planned), skipped=len(done))
+    summary = RunSummary(planned=len(planned), skipped=len(done), warnings=warnings)
     recipe_json = recipe_dict(recipe)
     if todo == 0:
         _finish(store, recipe_json)

@@ -24,48 +24,56 @@ import numpy as np
 
 from ...errors import UserError
 from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, cache_dir
+from .options import library_subjects, nifti_problem, subject_problem
 
 EDGE_MM = 5.0  # lungs closer than this to the first or last slice count as cut off
 
 
 def subjects(folder: str | Path) -> list[Path]:
     """Subject folders of a library, in name order."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError("expected a folder of CT subject folders (ct_library)", root)
-    found = sorted(p for p in root.iterdir() if p.is_dir() and (p / "ct.nii.gz").is_file())
-    if not found:
-        raise UserError("no subject folders with a ct.nii.gz in the CT library", root)
+    root, found = library_subjects(folder)
+    if isinstance(found, str):
+        raise UserError(found, root)
     return found
 
 
 def check_subject(folder: Path) -> str | None:
-    """Why a subject cannot be a chest phantom, or None when it can (reads only lungs and heart)."""
+    """Why a subject cannot be a chest phantom, or None when it can: its files are whole (the CT
+    inflated to its last byte, see options.nifti_problem) and its lungs and heart labelled
+    inside the scan. Reads only the CT's stream and the lung and heart labels; a damaged file is
+    a reason, never an exception."""
+    problem = subject_problem(folder) or nifti_problem(folder / "ct.nii.gz", deep=True)
+    if problem:
+        return problem
+    try:
+        return _anatomy_problem(folder)
+    except UserError as e:
+        return e.message
+    except Exception as e:  # noqa: BLE001 - nibabel and numpy raise many types for damaged files
+        return f"unreadable NIfTI ({type(e).__name__})"
+
+
+def _anatomy_problem(folder: Path) -> str | None:
     import nibabel as nib
 
     seg = folder / "segmentations"
-    try:
-        if seg.is_dir():
-            def region(names):
-                paths = [seg / f"{n}.nii.gz" for n in names if (seg / f"{n}.nii.gz").is_file()]
-                if not paths:
-                    return None, None
-                imgs = [nib.as_closest_canonical(nib.load(str(p))) for p in paths]
-                return np.any([np.asarray(i.dataobj) > 0 for i in imgs], axis=0), imgs[0].header.get_zooms()
-        else:
-            from .ct import _structures
+    if seg.is_dir():
+        def region(names):
+            paths = [seg / f"{n}.nii.gz" for n in names if (seg / f"{n}.nii.gz").is_file()]
+            if not paths:
+                return None, None
+            imgs = [nib.as_closest_canonical(nib.load(str(p))) for p in paths]
+            return np.any([np.asarray(i.dataobj) > 0 for i in imgs], axis=0), imgs[0].header.get_zooms()
+    else:
+        from .ct import _structures
 
-            ids_of = _structures(folder / "structures.csv")
-            img = nib.as_closest_canonical(nib.load(str(folder / "labels.nii.gz")))
-            labels = np.asarray(img.dataobj)
+        ids_of = _structures(folder / "structures.csv")
+        img = nib.as_closest_canonical(nib.load(str(folder / "labels.nii.gz")))
+        labels = np.asarray(img.dataobj)
 
-            def region(wanted):
-                ids = [ids_of[n] for n in wanted if n in ids_of]
-                return (np.isin(labels, ids), img.header.get_zooms()) if ids else (None, None)
-    except UserError as e:
-        return str(e)
-    except Exception as e:  # nibabel raises many types for damaged files
-        return f"unreadable NIfTI ({type(e).__name__})"
+        def region(wanted):
+            ids = [ids_of[n] for n in wanted if n in ids_of]
+            return (np.isin(labels, ids), img.header.get_zooms()) if ids else (None, None)
     for what, names in (("left lung", LUNG_LEFT), ("right lung", LUNG_RIGHT), ("heart", HEART)):
         mask, zooms = region(names)
         if mask is None or not mask.any():

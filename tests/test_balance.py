@@ -14,6 +14,7 @@ from scipy import stats
 
 from chexforge.balance.audit import audit
 from chexforge.balance.topup import BalanceSpec, allocate, fill, jobs_to_tidy, topup_recipe
+from chexforge.contracts.vocabulary import FINDING_NAMES
 from chexforge.errors import UserError
 from chexforge.labels.readers import read_labels, sniff
 from chexforge.plan import plan
@@ -209,6 +210,29 @@ def test_reference_target_and_budget_and_min_per_cell(tmp_path):
     assert capped["add"].tolist() == [40, 10, 0, 0]  # 50 rises to 80, then both to 90
     floor = allocate(df, BalanceSpec(by=["sex", "age"], per_finding=True, findings=["Effusion"], min_per_cell=35))
     assert ((floor["real"] + floor["add"]) >= 35).all()
+
+
+def test_the_topup_recipe_loads_whatever_the_names(tmp_path):
+    """Many findings and long group names (issue 13 item 6): ruamel wrapped a flow mapping's key
+    across lines ("Pleural\\n Other:"), so balance refused its own recipe as a YAML syntax error."""
+    from chexforge.recipe import recipe_to_yaml
+
+    rng = np.random.default_rng(3)
+    races = ["HISPANIC/LATINO - PUERTO RICAN", "NATIVE HAWAIIAN OR OTHER PACIFIC ISLANDER", "WHITE - OTHER EUROPEAN",
+             "BLACK/CAPE VERDEAN", "x: y # z", "'quoted' [a] {b}", "tab\there", "accent é", "next\x85line"]
+    n = 400
+    for pad in range(0, 60, 7):  # move every break point across the keys
+        df = pd.DataFrame({"image": [f"i{i}" for i in range(n)], "patient": [f"p{i}" for i in range(n)],
+                           "sex": rng.choice(["F", "M"], n, p=[0.3, 0.7]), "age": rng.integers(20, 90, n).astype(float),
+                           "race": rng.choice([r + "-" * pad for r in races], n), "view": rng.choice(["PA", "AP"], n)})
+        for f in FINDING_NAMES:
+            df[f] = (rng.random(n) < 0.2).astype(float)
+        spec = BalanceSpec(by=["sex"], name="b" * 150)
+        text, data = topup_recipe(df, allocate(df, spec), spec, f"labels\n{pad}.csv")
+        recipe = parse_recipe(text)  # what topup_recipe checks too; it raised "YAML syntax error"
+        (cohort,) = recipe.cohorts
+        assert set(cohort.demographics.race) == set(df["race"]) and len(cohort.finding_specs) == len(FINDING_NAMES) - 1
+        assert len(recipe.name) <= 100 and parse_recipe(recipe_to_yaml(recipe)).cohorts[0].count == cohort.count
 
 
 def test_balance_cli_on_a_chexpert_file_and_generate(tmp_path):

@@ -18,7 +18,9 @@ exact count; the rest of each cohort's demographics and its findings follow the 
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from ..contracts.backends import backend_info
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 from ..labels.groups import DEFAULT_AGE_BINS, age_labels, check_by, with_groups
-from ..recipe.loader import parse_recipe
+from ..recipe.loader import parse_recipe, yaml_writer
+from ..recipe.schema import MAX_NAME
 from .audit import group_table
 
 
@@ -162,10 +165,10 @@ def topup_recipe(df: pd.DataFrame, alloc: pd.DataFrame, spec: BalanceSpec, sourc
     elif skipped:
         spec.notes.append(f"synthetic images carry the real prevalence of {', '.join(renderable) or 'no finding'}; "
                           f"the {spec.backend} backend cannot render {', '.join(skipped)}")
-    cohorts, too_young = [], {}
+    cohorts, too_young, names = [], {}, set()
     for row in alloc[alloc["add"] > 0].to_dict("records"):
         group = {v: str(row[v]) for v in spec.by}
-        name = _slug("_".join([*group.values()] + ([row["finding"]] if row["finding"] else [])))
+        name = _unique(_slug("_".join([*group.values()] + ([row["finding"]] if row["finding"] else []))), names)
         members = real
         for v, value in group.items():
             members = members[members[v].astype(str) == value]
@@ -186,36 +189,67 @@ def topup_recipe(df: pd.DataFrame, alloc: pd.DataFrame, spec: BalanceSpec, sourc
         alloc = alloc[~alloc["age"].astype(str).isin(list(too_young))] if "age" in alloc else alloc
     if not cohorts:
         spec.notes.append("the data already meets the target: nothing to add")
-    recipe = {"name": spec.name, "description": f"Top-up for {source}: balanced by {', '.join(spec.by)} "
+    recipe = {"name": spec.name[:MAX_NAME].rstrip("-_.") or "balance", "description": f"Top-up for {source}: balanced by {', '.join(spec.by)} "
               f"({spec.target}{', per finding' if spec.per_finding else ''})", "seed": spec.seed,
               "backend": spec.backend}
     if spec.model is not None:
         recipe["model"] = str(spec.model)
     recipe["output"] = {"size": spec.size, "formats": ["png", "dicom"]}
     recipe["cohorts"] = cohorts
-    header = (f"# Written by `chexforge balance` from {source}.\n"
+    header = (f"# Written by `chexforge balance` from {_comment_safe(source)}.\n"
               f"# {len(df)} real images; {int(alloc['add'].sum())} synthetic images in {len(cohorts)} cohorts "
               f"bring the groups ({', '.join(spec.by)}) to {spec.target}"
               f"{' per finding' if spec.per_finding else ''}{f' within a budget of {spec.budget}' if spec.budget else ''}.\n")
-    import io
-
-    from ruamel.yaml import YAML
-
+    # The recipe writer (block style, ASCII, keys never wrapped), not ruamel's flow style: it
+    # wrapped a flow mapping's key across lines ("Pleural\n Other:"), a recipe that did not load.
     buf = io.StringIO()
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = None
-    yaml.sort_base_mapping_type_on_output = False
-    yaml.width = 120
-    yaml.dump(recipe, buf)
+    yaml = yaml_writer()
+    yaml.width = sys.maxsize
+    yaml.representer.add_representer(
+        _FlowList, lambda r, data: r.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+    yaml.dump(_short_lists_flow(recipe), buf)
     text = header + buf.getvalue()
     if cohorts:
         parse_recipe(text, source="balance recipe")  # it must load as any recipe does
     return text, recipe
 
 
+class _FlowList(list):
+    """A list written on one line: `[18, 39]`, `[png, dicom]`."""
+
+
+_PLAIN_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def _short_lists_flow(value):
+    """Lists of numbers or plain words as `_FlowList` (nothing in them to quote or wrap)."""
+    if isinstance(value, dict):
+        return {k: _short_lists_flow(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_short_lists_flow(v) for v in value]
+        simple = all((isinstance(v, (int, float)) and not isinstance(v, bool)) or
+                     (isinstance(v, str) and _PLAIN_WORD.fullmatch(v)) for v in items)
+        return _FlowList(items) if items and simple else items
+    return value
+
+
 def _slug(text: str) -> str:
     s = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
-    return s or "group"
+    return (s or "group")[:MAX_NAME - 8].rstrip("-_.")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name-2`, `name-3`, ... when groups slug to the same cohort name."""
+    out, k = name, 2
+    while out in taken:
+        out, k = f"{name}-{k}", k + 1
+    taken.add(out)
+    return out
+
+
+def _comment_safe(text: str) -> str:
+    """Text for a YAML comment: no character that YAML reads as a line break (or cannot read)."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]", "?", text)
 
 
 def _bin_range(label: str) -> list[int]:
@@ -231,7 +265,7 @@ def _demographics(group: dict, real: pd.DataFrame, ages: tuple[int, int]) -> dic
     d: dict = {}
     if "sex" in group:
         d["sex"] = group["sex"]
-    else:
+    elif _dist(real["sex"]):  # else no sex is known: the recipe's default
         d["sex"] = _dist(real["sex"])
     if "age" in group:
         lo, hi = _bin_range(group["age"])
@@ -240,9 +274,10 @@ def _demographics(group: dict, real: pd.DataFrame, ages: tuple[int, int]) -> dic
         d["age"] = {"range": [max(lo, ages[0]), min(hi, ages[1])]}
     else:
         years = real["age_years"].dropna()
-        lo, hi = int(max(ages[0], years.min())), int(min(ages[1], years.max()))
-        d["age"] = {"mean": round(float(years.mean()), 1), "sd": round(max(float(years.std()), 1.0), 1),
-                    "min": lo, "max": max(lo, hi)}
+        if len(years):  # else no age is known: the recipe's default ages
+            lo, hi = int(max(ages[0], years.min())), int(min(ages[1], years.max()))
+            sd = float(years.std()) if len(years) > 1 else 0.0
+            d["age"] = {"mean": round(float(years.mean()), 1), "sd": round(max(sd, 1.0), 1), "min": lo, "max": max(lo, hi)}
     if "race" in group:
         d["race"] = group["race"]
     elif real["race"].notna().any():

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import io
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
+from ruamel.yaml.emitter import Emitter
 
 from ..contracts.limits import MAX_RECIPE_BYTES, load_yaml, read_bytes
 from ..errors import UserError, located
@@ -246,12 +248,46 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
+    buf = io.StringIO()
+    yaml_writer().dump(recipe_dict(recipe), buf)
+    return buf.getvalue()
+
+
+def yaml_writer() -> YAML:
+    """A YAML writer whose output always loads back as what was written: block style, ASCII
+    (other characters escaped), and no mapping key or quoted scalar wrapped across lines (ruamel
+    wraps a long key, which then does not load, and can mangle escapes at a fold)."""
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False
-    buf = io.StringIO()
-    yaml.dump(recipe_dict(recipe), buf)
-    return buf.getvalue()
+    yaml.allow_unicode = False
+    yaml.Emitter = _UnwrappedKeysEmitter
+    return yaml
+
+
+class _UnwrappedKeysEmitter(Emitter):
+    """ruamel's emitter, except that it never wraps a mapping key or a quoted scalar (plain
+    values still wrap at the width, as before)."""
+
+    def _unwrapped(self, write: Any, text: Any) -> None:
+        width = self.best_width
+        self.best_width = sys.maxsize
+        try:
+            write(text, False)
+        finally:
+            self.best_width = width
+
+    def write_plain(self, text: Any, split: Any = True) -> None:
+        if split:
+            super().write_plain(text, split)
+        else:
+            self._unwrapped(super().write_plain, text)
+
+    def write_double_quoted(self, text: Any, split: Any = True) -> None:
+        self._unwrapped(super().write_double_quoted, text)
+
+    def write_single_quoted(self, text: Any, split: Any = True) -> None:
+        self._unwrapped(super().write_single_quoted, text)
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:

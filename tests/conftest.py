@@ -1,11 +1,59 @@
 from __future__ import annotations
 
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PATIENCE = 300.0  # seconds a test waits for a state before it gives up: a safety net, never a timing
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = PATIENCE) -> object:
+    """Poll `condition` until it is true (and return its value). Tests wait for states (a part
+    committed, a process gone), never for a number of seconds; `timeout` only keeps a broken run
+    from hanging the suite, so it is far above any honest wait on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live child processes of `pid` (Linux /proc): process id → start time (clock ticks)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields and int(fields[1]) == pid and fields[0] not in "ZX":
+            out[int(stat.parent.name)] = fields[19]
+    return out
+
+
+def exited(procs: dict[int, str]) -> bool:
+    """Whether every process of `children(...)` has exited (a zombie or a reused id counts as gone)."""
+    for pid, started in procs.items():
+        fields = _stat(pid)
+        if fields is not None and fields[0] not in "ZX" and fields[19] == started:
+            return False
+    return True
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
@@ -65,3 +113,27 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     init_pipeline("tiny", "tiny", None, "tiny", None, seed=0).save(folder)
     return folder
+
+
+def requested_masks_written(out: Path, finding_masks: bool) -> list[dict]:
+    """Every ok row has a mask file for each structure its job named (`anatomy`) and, where the
+    backend draws findings itself, for each finding it requested, with a box of that finding;
+    each file is on disk, matches its hash and marks some pixels."""
+    import pyarrow.parquet as pq
+
+    from chexforge import atomic
+    from chexforge.contracts.images import read_mask
+    from chexforge.contracts.vocabulary import FINDING_NAMES, NO_FINDING
+
+    rows = [r for r in pq.read_table(out / "manifest.parquet").to_pylist() if r["status"] == "ok"]
+    assert rows
+    for row in rows:
+        findings = {f for f in FINDING_NAMES if f != NO_FINDING and row[f] == 1}
+        wanted = set(row["anatomy"]) | (findings if finding_masks else set())
+        assert {m["name"] for m in row["masks"]} == wanted, (row["cohort"], row["masks"])
+        for m in row["masks"]:
+            assert atomic.sha256_file(out / m["path"]) == m["sha256"] and read_mask(out / m["path"]).any(), m
+        labels = {b["label"] for b in row["realised_boxes"]}
+        assert labels <= findings and (not finding_masks or labels == findings), (row["cohort"], labels, findings)
+        assert all(0 <= b["x0"] < b["x1"] <= 1 and 0 <= b["y0"] < b["y1"] <= 1 for b in row["realised_boxes"])
+    return rows

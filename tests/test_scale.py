@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from chexforge.recipe import parse_recipe
 from chexforge.runtime.jobs import select_shard
 from chexforge.runtime.pool import parse_devices
 
-from .conftest import write
+from .conftest import PATIENCE, children, cmdline, exited, wait_until, write
 
 SIM = """
 name: sim
@@ -148,27 +149,43 @@ def test_shards_partition_the_plan_and_merge_back(tmp_path):
     assert bad.returncode == 2 and "does not match the manifest" in bad.stderr
 
 
+def committed_parts(out) -> set[str]:
+    return set(mf.part_names(out)) if (out / mf.PARTS).is_dir() else set()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
-def test_kill_9_at_ten_random_instants_then_resume(tmp_path, devices):
-    recipe = sim(tmp_path, n=60, spb=0.15)
+@pytest.mark.parametrize("devices, kills", [("cpu", 4), ("cpu:2", 2)])  # a cpu:2 run takes ~15 s to its first batch here
+def test_kill_9_at_random_instants_then_resume(tmp_path, devices, kills):
+    """Each run is killed a random delay after it committed its first batch, so every kill lands
+    mid-run (at least one with 0 < rows < n is asserted); orphaned workers are waited for until
+    they have exited. What is committed is whole at every instant, and a resume completes it."""
+    n = 60
+    recipe = sim(tmp_path, n=n, spb=0.15)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "chexforge.cli", "generate", str(recipe), "--out", str(out), "--no-progress",
            "--devices", devices]
     rng = np.random.default_rng(1 if devices == "cpu" else 2)
-    for _ in range(10):
+    landed = []  # committed rows after each kill that hit a running process
+    for _ in range(kills):
+        before = committed_parts(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(1.0, 4.0)))
+        wait_until(lambda b=before, p=proc: committed_parts(out) - b or p.poll() is not None, "a batch committed")
+        time.sleep(float(rng.uniform(0.0, 0.6)))  # a random instant after it, up to a few batches
+        workers = children(proc.pid)
+        if proc.poll() is not None:
+            break  # finished before the kill: nothing left to interrupt
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_until(lambda w=workers: exited(w), "the orphaned workers to exit")  # they stop on their own
         table = mf.read_manifest(out)  # what is committed is whole at every instant
         for row in table.to_pylist():
             assert atomic.sha256_file(out / row["image_png"]) == row["sha256_png"]
-    time.sleep(1.5)  # orphaned workers notice their parent is gone and stop
+        landed.append(table.num_rows)
+    assert any(0 < rows < n for rows in landed), landed
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     df = manifest(out)
-    assert len(df) == 60 and df.job_id.is_unique and (df.status == "ok").all()
+    assert len(df) == n and df.job_id.is_unique and (df.status == "ok").all()
     hashes_ok(out, df)
     listed = {p for r in df.itertuples() for p in (r.image_png, r.image_dicom)}
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".png", ".dcm") and "images" in p.parts or p.suffix == ".dcm"}
@@ -176,31 +193,135 @@ def test_kill_9_at_ten_random_instants_then_resume(tmp_path, devices):
     assert not list(out.rglob(atomic.TMP_PREFIX + "*"))
 
 
-def test_ctrl_c_commits_the_batch_in_flight_and_status_reports(tmp_path):
-    n = 60  # 15 batches of 0.4 s
-    recipe = sim(tmp_path, n=n, spb=0.4)
-    out = tmp_path / "out"
+# ---- Ctrl-C: a run holds its own SIGINT handler from before its first batch to its committed end ----
+
+
+def start(recipe, out, *flags, group=False):
     # A shell without job control starts background commands with SIGINT ignored, and an ignored
     # signal stays ignored through exec: give the run the default disposition, as a terminal would.
-    proc = subprocess.Popen([sys.executable, "-m", "chexforge.cli", "generate", str(recipe), "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 60
-    while not mf.part_names(out) if out.exists() else True:
-        time.sleep(0.1)
-        assert time.time() < deadline
-    running = cli("status", str(out))
-    assert running.returncode == 0 and "running" in running.stdout
+    return subprocess.Popen([sys.executable, "-m", "chexforge.cli", "generate", str(recipe), "--out", str(out),
+                             "--no-progress", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def resume_completes(recipe, out, n, committed):
+    """The run resumes from what the interrupted one committed (in one batch: one sleep)."""
+    again = cli("generate", str(recipe), "--out", str(out), "--no-progress", "--batch-size", str(n))
+    assert again.returncode == 0, again.stderr
+    assert f"{n - committed} new image(s)" in again.stdout and (not committed or f"({committed} were already there)" in again.stdout)
+    df = manifest(out)
+    assert len(df) == n and (df.status == "ok").all()
+    hashes_ok(out, df)
+
+
+def test_ctrl_c_commits_the_batch_in_flight_and_status_reports(tmp_path):
+    from chexforge.runtime.status import run_status
+
+    n = 40  # 10 batches of 4 at 2 s a batch: ~20 s, so a Ctrl-C after the first batch lands mid-run
+    out, recipe = tmp_path / "out", sim(tmp_path, n=n, spb=2.0)
+    proc = start(recipe, out)
+    wait_until(lambda: committed_parts(out) or proc.poll() is not None, "the first batch committed")
+    assert proc.poll() is None, proc.communicate()[1]
+    assert run_status(str(out)).state == "running"  # in this process: no run time spent starting a CLI
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in stderr
+    _, stderr = proc.communicate(timeout=PATIENCE)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
     committed = mf.read_manifest(out)
     assert 0 < committed.num_rows < n and committed.num_rows % 4 == 0  # whole batches only
     stopped = cli("status", str(out))
     assert "interrupted" in stopped.stdout and f"{committed.num_rows} of {n}" in stopped.stdout
-    again = cli("generate", str(recipe), "--out", str(out), "--no-progress")
-    assert again.returncode == 0 and f"({committed.num_rows} were already there)" in again.stdout
-    assert len(manifest(out)) == n
+    resume_completes(recipe, out, n, committed.num_rows)
+
+
+def starting_workers(pid) -> int:
+    """How many worker processes of `pid` are in their start-up with Python's own SIGINT handler
+    installed (/proc's SigCgt) and not yet ignoring SIGINT (worker.main does that first)."""
+    def masks(child):
+        try:
+            lines = Path(f"/proc/{child}/status").read_text().splitlines()
+        except OSError:
+            return {}
+        return {k: int(v, 16) for k, _, v in (x.partition(":\t") for x in lines) if k in ("SigCgt", "SigIgn")}
+
+    sigint = 1 << (signal.SIGINT - 1)
+    return sum(1 for c in children(pid) if "spawn_main" in cmdline(c)
+               and masks(c).get("SigCgt", 0) & sigint and not masks(c).get("SigIgn", 0) & sigint)
+
+
+def test_ctrl_c_to_the_process_group_while_workers_start(tmp_path):
+    """A terminal sends Ctrl-C to every process of the job. Workers start with SIGINT blocked and
+    then ignore it, so one pressed while they import and unpickle neither kills them nor prints
+    their traceback; the parent stops the run, and each worker exits once it is told to."""
+    from chexforge.runtime.status import run_status
+
+    n = 16
+    out, recipe = tmp_path / "out", sim(tmp_path, n=n, spb=0.2)
+    proc = start(recipe, out, "--devices", "cpu:2", group=True)
+    wait_until(lambda: starting_workers(proc.pid) == 2 or proc.poll() is not None, "two workers in their start-up")
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)  # the parent, the workers in their start-up (importing), everyone
+    _, stderr = proc.communicate(timeout=PATIENCE)
+    assert proc.returncode == 130 and "interrupted" in stderr, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert run_status(str(out)).state == "interrupted"
+    committed = mf.read_manifest(out).num_rows
+    assert committed < n and committed % 4 == 0
+    resume_completes(recipe, out, n, committed)
+
+
+def _interrupt(where, count=1):
+    """A stand-in for `where` that presses Ctrl-C (SIGINT to this process) `count` times, then runs it."""
+    def pressed(*args, **kw):
+        for _ in range(count):
+            signal.raise_signal(signal.SIGINT)
+        return where(*args, **kw)
+    return pressed
+
+
+def test_ctrl_c_in_each_phase_of_a_run_in_process(tmp_path, monkeypatch):
+    """Deterministic: SIGINT raised at a chosen point of an in-process run. While it prepares: it
+    stops before its first batch. While a batch is made: that batch is finished and committed, no
+    other is started. After its last batch: its end is committed and it is not interrupted. And the
+    handler is Python's own again once the run is over."""
+    from chexforge.backends.simulated.backend import SimulatedBackend
+    from chexforge.runtime import RunOptions, run
+    from chexforge.runtime import runner as R
+
+    r = parse_recipe(sim(tmp_path, n=12).read_text())
+    jobs = plan(r)
+    before = signal.getsignal(signal.SIGINT)
+
+    with monkeypatch.context() as m:  # while preparing (reading what the folder holds)
+        m.setattr(R, "done_ids", _interrupt(R.done_ids))
+        s = run(jobs, r, tmp_path / "prep", RunOptions(progress=False))
+    assert s.interrupted and s.generated == 0 and mf.read_manifest(tmp_path / "prep").num_rows == 0
+
+    real = SimulatedBackend.generate
+    calls = []
+
+    def second_batch_presses(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, rows)
+
+    with monkeypatch.context() as m:  # while the second batch is made
+        m.setattr(SimulatedBackend, "generate", second_batch_presses)
+        s = run(jobs, r, tmp_path / "mid", RunOptions(progress=False))
+    assert s.interrupted and calls == [4, 4] and s.generated == 8  # the batch in hand is committed, no third
+    assert mf.read_manifest(tmp_path / "mid").num_rows == 8
+
+    with monkeypatch.context() as m:  # after the last batch, while the manifest is merged
+        m.setattr(R.mf, "merge_parts", _interrupt(R.mf.merge_parts))
+        s = run(jobs, r, tmp_path / "end", RunOptions(progress=False))
+    assert not s.interrupted and s.generated == 12 and len(manifest(tmp_path / "end")) == 12
+    assert json.loads((tmp_path / "end" / ".run.json").read_text())["state"] == "finished"
+
+    with monkeypatch.context() as m:  # a second Ctrl-C stops at once: the batch being made is dropped
+        m.setattr(SimulatedBackend, "generate", _interrupt(real, count=2))
+        s = run(jobs, r, tmp_path / "twice", RunOptions(progress=False))
+    assert s.interrupted and s.generated == 0 and mf.read_manifest(tmp_path / "twice").num_rows == 0
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_status_of_a_killed_run_says_stopped(tmp_path):

@@ -9,7 +9,9 @@ out-of-memory kill), the batch it was generating goes back to the queue split in
 so another worker retries it and a job that crashes a worker again fails alone; after
 `max_attempts` a job is recorded as failed with the crash in its error, never dropped. A dead
 worker is replaced. Ctrl-C stops the feeding: queued batches are withdrawn, and every worker
-finishes, exports and commits the batch it holds before the run stops.
+finishes, exports and commits the batch it holds before the run stops. The first Ctrl-C is a
+request (`Tracker.stopping`, progress.py) that both engines look at between batches; workers
+never see it (they start with SIGINT blocked and then ignore it, see `_sigint_blocked`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -68,12 +72,20 @@ Batches = Iterator[tuple[int, list[dict]]]
 
 
 def run_inprocess(batches: Batches, spec: RunSpec, tracker: Tracker) -> bool:
-    """One CPU device in this process, export overlapping generation. Returns True if interrupted."""
+    """One CPU device in this process, export overlapping generation. Returns True if interrupted:
+    then the batch being made (on a first Ctrl-C) and the one exporting are committed."""
+    if tracker.stopping:
+        return True
     runner = spec.runner(None)
     exporting = None
     interrupted = False
+    fresh = iter(batches)
     try:
-        for start, rows in batches:
+        while (batch := next(fresh, None)) is not None:
+            if tracker.stopping:
+                interrupted = True
+                break
+            start, rows = batch
             future = runner.submit(start, rows, 1, spec.part(start))
             if exporting is not None:
                 _count(exporting.result(), tracker)
@@ -131,10 +143,14 @@ class WorkerPool:
     def run(self, batches: Batches) -> bool:
         """Returns True if interrupted (Ctrl-C): then every worker commits the batch it holds."""
         fresh = iter(batches)
-        for wid in range(len(self.devices)):
-            self._start(wid)
         try:
+            if self.tracker.stopping:
+                return True
+            for wid in range(len(self.devices)):
+                self._start(wid)
             while self.outstanding > 0 or not self.exhausted:
+                if self.tracker.stopping:
+                    return True
                 self._feed(fresh)
                 for msg in self._messages(0.5):
                     self._handle(msg)
@@ -150,7 +166,8 @@ class WorkerPool:
         proc = self.ctx.Process(target=worker.main, name=f"chexforge-worker-{wid}", daemon=True,
                                 args=(wid, self.devices[wid % len(self.devices)], self.spec, self.threads, tasks,
                                       self.results))
-        proc.start()
+        with _sigint_blocked():
+            proc.start()
         self.workers[wid] = _Worker(proc, tasks)
 
     def _task(self, batch_id: int, rows: list[dict], attempt: int) -> Task:
@@ -275,6 +292,23 @@ class WorkerPool:
             if w.proc.is_alive():
                 w.proc.terminate()
             w.proc.join(timeout=5)
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread while a worker process starts. The child inherits the signal
+    mask through fork and exec, so a Ctrl-C at the terminal (sent to the whole process group) cannot
+    interrupt its start-up (seconds of imports and unpickling) before worker.main ignores SIGINT;
+    the parent loses nothing: a SIGINT meanwhile waits, or is taken by another thread, and its
+    handler runs all the same. CPython's multiprocessing starts its resource tracker this way."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _withdraw(w: _Worker) -> None:

@@ -1,20 +1,83 @@
-"""Progress: the rich bar on the terminal and the heartbeat file `chexforge status` reads.
+"""Progress: the rich bar on the terminal, the heartbeat file `chexforge status` reads, and
+what Ctrl-C does to a run.
 
 `out/.run.json` is rewritten (atomically) every few seconds while a run goes: planned, skipped,
 done, failed, rate, process id, devices, engine and state (running, finished, interrupted).
+
+Ctrl-C (`CtrlC`): the run holds its own SIGINT handler from before its first batch until its end
+is committed. The first Ctrl-C only asks the run to stop (`Tracker.stopping`): the local engines
+look between batches, withdraw what is queued and commit every batch in hand, and the run ends
+as interrupted. A Ctrl-C while the run prepares stops it before its first batch; one after its
+last batch was made lets it commit its end (it has nothing left to stop). A second Ctrl-C raises
+KeyboardInterrupt at once (committed parts are safe). Python's own handler instead raises
+KeyboardInterrupt wherever the main thread happens to be: in the middle of a heartbeat, a part
+compaction, the start of a worker process, or the final manifest merge.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 from ..store import Store
 
 RUN_FILE = ".run.json"
+
+
+class CtrlC:
+    """SIGINT handling for one run (a context manager; see the module docstring). Installed only
+    in the main thread (the only one that may set handlers) and only when SIGINT is not ignored
+    (a background job started without job control keeps ignoring it, as Python itself does);
+    otherwise, and when a run is already inside one, it changes nothing."""
+
+    _current: CtrlC | None = None  # the one installed in this process
+
+    SAYS = {  # what the first Ctrl-C does, by the phase of the run
+        "preparing": "stopping before the first batch",
+        "local": "stopping: committing the batches in hand",
+        "finishing": "every batch is made: committing the end of the run",
+    }
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.phase = "preparing"  # preparing | local | ray (stops on KeyboardInterrupt only) | finishing
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> CtrlC:
+        if CtrlC._current is not None or threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN or previous is None:
+            return self
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._handle)
+        self._installed, CtrlC._current = True, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed, CtrlC._current = False, None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.presses += 1
+        if self.presses > 1 or self.phase == "ray":
+            raise KeyboardInterrupt
+        try:  # os.write: a handler must not re-enter a buffered stream the main thread may be writing
+            os.write(sys.stderr.fileno(), f"{self.SAYS[self.phase]} (Ctrl-C again to stop at once)\n".encode())
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    @classmethod
+    def current(cls) -> CtrlC | None:
+        return cls._current
 
 
 @dataclass
@@ -38,6 +101,9 @@ class Tracker:
     _task: object = None
 
     def __post_init__(self) -> None:
+        ctrl_c = CtrlC.current()
+        if ctrl_c is not None:
+            ctrl_c.phase = "ray" if self.engine == "ray" else "local"
         if self.show and self.todo:
             from rich.progress import (
                 BarColumn,
@@ -54,6 +120,12 @@ class Tracker:
             self._bar.start()
             self._task = self._bar.add_task("generate", total=self.todo, rate="")
         self.beat("running", force=True)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether Ctrl-C asked this run to stop (the engines look between batches)."""
+        ctrl_c = CtrlC.current()
+        return ctrl_c is not None and ctrl_c.presses > 0
 
     @property
     def rate(self) -> float:
@@ -88,6 +160,9 @@ class Tracker:
             pass
 
     def close(self, state: str) -> None:
+        ctrl_c = CtrlC.current()
+        if ctrl_c is not None:  # the engine is done: a first Ctrl-C now lets the end be committed
+            ctrl_c.phase = "finishing"
         if self._bar is not None:
             self._bar.stop()
         self.beat(state, force=True)

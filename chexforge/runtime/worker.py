@@ -4,9 +4,10 @@ The messages between the parent (pool.py) and a worker are the small frozen data
 The parent sends a `Task` per batch, then `STOP`; the worker answers `Ready` once its model is
 loaded (or `CouldNotStart`), `Generating` when a batch goes on the device (if the process dies
 now, that batch is the culprit), `Done` or `Failed` when a batch is committed or could not be,
-and `Exited` last. The worker ignores Ctrl-C: the parent decides when to stop, and the worker
-always finishes and commits the batch it holds. At most one batch exports while the next
-generates.
+and `Exited` last. The worker ignores Ctrl-C (it starts with SIGINT blocked, pool.py): the
+parent decides when to stop, and the worker always finishes and commits the batch it holds. At
+most one batch exports while the next generates. A worker whose parent was killed takes no new
+batch: it commits the one in hand and exits, without writing into the dead parent's pipe.
 """
 
 from __future__ import annotations
@@ -82,17 +83,28 @@ Message = Ready | CouldNotStart | Generating | Done | Failed | Exited
 
 def main(wid: int, device: str, spec: RunSpec, threads: int, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked for the start-up only
     os.environ["CHEXFORGE_WORKER"] = str(wid)
     import torch
 
     torch.set_num_threads(max(1, threads))
+    parent = os.getppid()
     runner = _start(wid, device, spec, results)
     if runner is None:
         return
-    results.put(Ready(wid))
-    _serve(wid, runner, tasks, results)
+    _tell(results, Ready(wid))
+    _serve(wid, runner, tasks, results, parent)
     runner.close()
-    results.put(Exited(wid))
+    _tell(results, Exited(wid))
+
+
+def _tell(results, msg: Message) -> None:
+    """Send a message to the parent; a parent that is gone (killed) is not an error of the worker."""
+    try:
+        results.put(msg)
+    except OSError:  # BrokenPipeError: nobody reads the pipe any more
+        pass
 
 
 def _start(wid: int, device: str, spec: RunSpec, results) -> BatchRunner | None:
@@ -100,32 +112,36 @@ def _start(wid: int, device: str, spec: RunSpec, results) -> BatchRunner | None:
     try:
         return spec.runner(device)
     except UserError as e:
-        results.put(CouldNotStart(wid, e.line(), True))
+        _tell(results, CouldNotStart(wid, e.line(), True))
     except Exception:  # noqa: BLE001 - reported to the parent with its traceback
-        results.put(CouldNotStart(wid, traceback.format_exc(limit=3), False))
+        _tell(results, CouldNotStart(wid, traceback.format_exc(limit=3), False))
     return None
 
 
-def _serve(wid: int, runner: BatchRunner, tasks, results) -> None:
+_NOTHING = object()  # no task came within the wait
+
+
+def _serve(wid: int, runner: BatchRunner, tasks, results, parent: int) -> None:
     """Tasks until STOP (or the parent is gone), the next one generating while the last exports."""
-    parent = os.getppid()
     exporting: Future | None = None
     while True:
         try:
             task = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:  # the parent was killed: stop instead of waiting forever
-                break
+            task = _NOTHING
+        if os.getppid() != parent:  # the parent was killed: take no new batch, stop instead of waiting forever
+            break
+        if task is _NOTHING:
             continue
         if task is STOP:
             break
-        results.put(Generating(wid, task.batch_id))
+        _tell(results, Generating(wid, task.batch_id))
         try:
             future = runner.submit(task.batch_id, task.rows, task.attempt, task.part)  # generates now, exports on a thread
         except Exception as e:  # noqa: BLE001
-            results.put(Failed(wid, task.batch_id, f"{type(e).__name__}: {e}", isinstance(e, UserError)))
+            _tell(results, Failed(wid, task.batch_id, f"{type(e).__name__}: {e}", isinstance(e, UserError)))
             continue
-        future.add_done_callback(lambda f, b=task.batch_id: results.put(_outcome(f, b, wid)))
+        future.add_done_callback(lambda f, b=task.batch_id: _tell(results, _outcome(f, b, wid)))
         if exporting is not None:
             exporting.exception()  # bound: the batch before this one has finished exporting
         exporting = future

@@ -72,8 +72,8 @@ def ds(tmp_path_factory):
     return out, rows, s
 
 
-def _masks(out, rows):
-    return np.stack([read_mask(out / x["masks"][0]["path"]) for x in rows])  # (6, 64, 64) bool, Nodule
+def _masks(out, rows, name="Nodule"):
+    return np.stack([read_mask(out / next(m["path"] for m in x["masks"] if m["name"] == name)) for x in rows])  # (6, 64, 64)
 
 
 def _eval(out, dest, *args):
@@ -124,9 +124,9 @@ def test_dice_of_the_own_masks_is_one_and_of_shifted_ones_computed_by_hand(ds, t
     m = A.seg_adherence(seg, s.images, s.rows["masks"].tolist(), out)
     assert m["mean_dice"] == pytest.approx(by_hand) and 0 < m["mean_dice"] < 1
     # A model whose classes the dataset has no masks of: unavailable, saying which.
-    other = A.ScriptModel(script(tmp_path / "o.pt", own, ["heart"]), "--seg-model", True)
+    other = A.ScriptModel(script(tmp_path / "o.pt", own, ["Pneumothorax"]), "--seg-model", True)
     m = A.seg_adherence(other, s.images, s.rows["masks"].tolist(), out)
-    assert m["available"] is False and "heart" in m["why"] and "Nodule" in m["why"]
+    assert m["available"] is False and "Pneumothorax" in m["why"] and "Nodule" in m["why"]
 
 
 def _boxes(rows, dx=0.0, label=0.0):

@@ -255,3 +255,28 @@ def test_not_a_model_folder_is_one_line(tmp_path):
 
     with pytest.raises(UserError, match="no model_index.json"):
         DiffusionBackend(DiffusionOptions(), model=tmp_path)
+
+
+def test_diffusion_backend_writes_every_requested_mask(tiny_model, tmp_path):
+    """The diffusion backend draws no finding masks of its own: a job gets the structures its
+    layout gives (lungs from the prior mask library) and the boxes it was given; each is written."""
+    from chexforge.plan import plan
+    from chexforge.recipe import load_recipe
+    from chexforge.runtime import RunOptions, run
+
+    from .conftest import requested_masks_written, write
+
+    recipe = write(tmp_path, f"""
+name: diffusion-masks
+seed: 1
+backend: diffusion
+model: {tiny_model}
+backend_options: {{steps: 2}}
+output: {{size: 64, formats: [png], masks: true}}
+cohorts:
+  - {{name: a, count: 2, findings: {{Nodule: 1.0}}, layout: prior, masks: [lungs]}}
+""")
+    r = load_recipe(recipe)
+    run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
+    rows = requested_masks_written(tmp_path / "out", finding_masks=False)
+    assert len(rows) == 2 and all(row["anatomy"] == ["lungs"] for row in rows)

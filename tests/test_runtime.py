@@ -21,7 +21,7 @@ from chexforge.plan import plan
 from chexforge.recipe import load_recipe
 from chexforge.runtime import RunOptions, run
 
-from .conftest import write
+from .conftest import requested_masks_written, wait_until, write
 
 SMALL = """
 name: small
@@ -149,26 +149,35 @@ def test_changed_recipe_is_refused_without_overwrite(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_random_instants_then_resume(tmp_path):
-    """A kill -9 at any instant loses at most the batch in flight and never a committed file."""
+    """A kill -9 at any instant loses at most the batch in flight and never a committed file. Each
+    run is killed a random delay after it committed its first batch, so every kill lands mid-run."""
+    from chexforge.export.manifest import part_names, read_manifest
+
+    n = 12
     recipe = small(tmp_path, 6, 6)
     out = tmp_path / "out"
     rng = np.random.default_rng(0)
     cmd = [sys.executable, "-m", "chexforge.cli", "generate", str(recipe), "--out", str(out),
            "--batch-size", "1", "--no-progress"]
-    for _ in range(5):
+    landed = []
+    for _ in range(3):
+        before = set(part_names(out)) if out.exists() else set()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(2.0, 6.0)))
+        wait_until(lambda b=before, p=proc: set(part_names(out)) - b or p.poll() is not None, "a batch committed")
+        time.sleep(float(rng.uniform(0.0, 1.0)))  # a random instant after it: mid-render, mid-export or between
+        if proc.poll() is not None:
+            break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         # Whatever was committed is readable and consistent right now.
-        from chexforge.export.manifest import read_manifest
-
         table = read_manifest(out)
         for row in table.to_pylist():
             assert atomic.sha256_file(out / row["image_png"]) == row["sha256_png"]
+        landed.append(table.num_rows)
+    assert any(0 < rows < n for rows in landed), landed
     final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    check_output(out, 12)
+    check_output(out, n)
 
 
 def test_full_disk_gives_one_line_and_keeps_committed_work(tmp_path, monkeypatch):
@@ -250,3 +259,57 @@ def test_run_spec_crosses_processes_with_the_recipe_folder(tmp_path):
     cloudpickle = pytest.importorskip("ray.cloudpickle")
     again = cloudpickle.loads(cloudpickle.dumps(spec))
     assert str(again.recipe.resolve_path("model-dir")) == here and again.recipe == spec.recipe
+
+
+# ---- every requested mask is written, for every backend ---------------------------------------
+
+
+def test_simulated_backend_writes_every_requested_mask_and_box(tmp_path):
+    from chexforge.contracts.backends import backend_info
+
+    findings = [f for f in backend_info("simulated").findings if f != "No Finding"]
+    recipe = write(tmp_path, f"""
+name: masks
+seed: 2
+backend: simulated
+output: {{size: 64, formats: [png], masks: true}}
+cohorts:
+  - name: every
+    count: 2
+    findings: {{{", ".join(f"{f}: 1.0" for f in findings)}}}
+    masks: [lungs, lung_left, lung_right, heart]
+  - {{name: sided, count: 3, findings: {{Effusion: {{p: 1.0, laterality: [left, right, bilateral]}}}}, masks: [heart]}}
+  - {{name: default, count: 1}}
+  - name: boxed
+    count: 1
+    findings: {{Mass: 1.0}}
+    layout: {{boxes: [{{label: Mass, box: [0.1, 0.2, 0.3, 0.5]}}]}}
+""")
+    r = load_recipe(recipe)
+    run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
+    rows = {r["cohort"] + str(r["index"]): r for r in requested_masks_written(tmp_path / "out", finding_masks=True)}
+    assert len(rows) == 7
+    assert set(rows["default0"]["anatomy"]) == {"lungs", "heart"}  # the claimed default structures
+    for row in (x for k, x in rows.items() if k.startswith("sided")):  # one blob per side, on that side
+        boxes = row["realised_boxes"]
+        side = row["Effusion.laterality"]
+        assert len(boxes) == (2 if side == "bilateral" else 1)
+        if side != "bilateral":  # the patient's right is the image's left
+            assert (boxes[0]["x1"] <= 0.5) == (side == "right") and (boxes[0]["x0"] >= 0.5) == (side == "left")
+    [box] = rows["boxed0"]["realised_boxes"]  # the explicit box, to the pixel (1/64)
+    assert np.allclose([box[k] for k in ("x0", "y0", "x1", "y1")], [0.1, 0.2, 0.3, 0.5], rtol=0, atol=1 / 64)
+
+
+@pytest.mark.slow
+def test_drr_backend_writes_every_requested_mask(tmp_path):
+    """One job per finding the DRR backend claims, with every anatomy mask it claims."""
+    from chexforge.contracts.backends import backend_info
+
+    info = backend_info("drr")
+    cohorts = "".join(f"  - {{name: c{i}, count: 1, findings: {{{f}: 1.0}}, masks: [{', '.join(info.anatomy)}]}}\n"
+                      for i, f in enumerate(x for x in info.findings if x != "No Finding"))
+    recipe = write(tmp_path, f"name: drr-masks\nseed: 5\noutput: {{size: 64, formats: [png], masks: true}}\ncohorts:\n{cohorts}")
+    r = load_recipe(recipe)
+    run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
+    rows = requested_masks_written(tmp_path / "out", finding_masks=True)
+    assert len(rows) == len(info.findings) - 1

@@ -86,7 +86,8 @@ BACKENDS: dict[str, BackendInfo] = {
     ),
     "simulated": BackendInfo(
         name="simulated",
-        summary="a stand-in device for pipeline benchmarks and fault tests (sleeps, returns synthetic patterns)",
+        summary="a stand-in device for pipeline benchmarks and fault tests (sleeps, returns synthetic patterns "
+                "with a mask and box for every requested finding and a mask for every requested structure)",
         findings=FINDING_NAMES,
         anatomy=("lungs", "lung_left", "lung_right", "heart"),
         views=("PA", "AP", "LL"),
@@ -94,6 +95,7 @@ BACKENDS: dict[str, BackendInfo] = {
         options_model="chexforge.backends.simulated.options:SimulatedOptions",
         factory="chexforge.backends.simulated.backend:SimulatedBackend",
         seconds_per_image={"cpu": 0.0},
+        default_anatomy=("lungs", "heart"),  # as drr: a cohort naming no masks gets these
         default_layout="none",
     ),
 }

@@ -177,10 +177,13 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 
 def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import T5EncoderModel
+
     from chexforge.cli import main
     from chexforge.models.vae import build_vae
 
-    chexgen_checkpoint(tmp_path / "ckpt.pth", control=True)
+    original = chexgen_checkpoint(tmp_path / "ckpt.pth", control=True).eval()
     make_tiny_t5(tmp_path / "t5", d_model=32)
     build_vae("tiny", 64).save_pretrained(tmp_path / "vae")
     out = tmp_path / "converted"
@@ -188,6 +191,22 @@ def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
                  "--vae", str(tmp_path / "vae"), "--heads", "4"]) == 0
     pipe = ChexforgePipeline.load(out)
     assert pipe.text_encoder.kind == "t5" and pipe.null_embedding.shape == (6, 32)
+    # The written weights are the source's: the transformer is the conversion of the EMA weights
+    # (not the raw ones, 0.01 away), tensor for tensor, and runs the original's forward; the VAE
+    # and the T5 encoder are the given folders' own.
+    sd, _ = read_checkpoint(tmp_path / "ckpt.pth")
+    expected, null, _ = convert_state_dict(sd, heads=4)
+    written = pipe.transformer.state_dict()
+    assert list(written) == list(expected.state_dict())
+    assert all(torch.equal(written[k], v) for k, v in expected.state_dict().items())
+    assert torch.equal(pipe.null_embedding, null)
+    x, t, y, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 6, 32), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer.eval()(x, t, y, torch.ones(2, 6), c), original(x, t, y, c), rtol=1e-5, atol=1e-5)
+    for ours, theirs in ((pipe.vae, AutoencoderKL.from_pretrained(tmp_path / "vae")),
+                         (pipe.text_encoder.model, T5EncoderModel.from_pretrained(tmp_path / "t5"))):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     for sampler in ("ddpm", "dpm++"):  # learned variance: DDPM uses it, DPM-Solver++ takes the noise alone
         images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler=sampler)
         assert images.shape == (1, 64, 64) and np.isfinite(images).all()

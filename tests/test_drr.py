@@ -70,8 +70,10 @@ def test_anatomy_masks_sit_on_the_anatomy(drr128):
     lungs, heart = s.masks["lungs"], s.masks["heart"]
     assert 0.15 < lungs.mean() < 0.65  # projected lungs: behind the heart and below the domes too
     aerated = lungs & ~heart
-    # Lungs are dark on a radiograph; the cardiac shadow is brighter.
-    assert s.image[aerated].mean() + 0.1 < s.image[heart & ~lungs].mean() or s.image[aerated].mean() < 0.45
+    # Lungs are dark on a radiograph and the cardiac shadow bright: both must hold (about 0.42 and
+    # 0.87 on the bundled CT, a contrast of 0.44-0.50 over seeds and views).
+    lung_grey, heart_grey = float(s.image[aerated].mean()), float(s.image[heart & ~lungs].mean())
+    assert lung_grey < 0.5 and heart_grey - lung_grey > 0.3, (lung_grey, heart_grey)
     ctr = cardiothoracic_ratio({k: torch.from_numpy(v) for k, v in s.masks.items()})
     assert 0.35 < ctr < 0.5
 

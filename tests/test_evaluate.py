@@ -51,6 +51,25 @@ def rng():
 def test_fid_of_a_set_with_itself_is_zero(rng):
     a = rng.standard_normal((200, 8))
     assert fidelity.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    reported, computed = fidelity.frechet(a, a)
+    assert computed >= -fidelity.ROUND_OFF * 16 and reported == max(computed, 0.0)
+
+
+def test_a_negative_fid_is_reported_as_zero_within_round_off_and_is_an_error_beyond(rng, monkeypatch):
+    """The computed value is a difference of large terms: -1e-12 for a set against itself is
+    round-off (reported 0, the computed value kept beside it); -0.5 is a broken computation."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    a = rng.standard_normal((50, 4))  # terms of size about 2 × 4 (two traces of a unit covariance)
+    monkeypatch.setattr(FrechetInceptionDistance, "compute", lambda self: torch.tensor(-1e-12, dtype=torch.float64))
+    assert fidelity.frechet(a, a) == (0.0, -1e-12)
+    assert fidelity.fid_entry(a, a) == {"fid": 0.0, "fid_computed": -1e-12}
+    monkeypatch.setattr(FrechetInceptionDistance, "compute", lambda self: torch.tensor(-0.5, dtype=torch.float64))
+    with pytest.raises(ArithmeticError, match=r"FID computed as -0.5, below zero by more than round-off"):
+        fidelity.fid(a, a)
+    monkeypatch.setattr(FrechetInceptionDistance, "compute", lambda self: torch.tensor(2.5, dtype=torch.float64))
+    assert fidelity.fid_entry(a, a) == {"fid": 2.5}
 
 
 def test_fid_matches_the_analytic_frechet_distance(rng):
@@ -172,16 +191,26 @@ def test_load_set_reads_16_bit_pngs_and_labels(tiny_out):
 
 
 def test_cli_writes_metrics_json(tiny_out, tmp_path):
+    """Every number the CLI writes is the library function's on the same images and features."""
     gen, ref, _ = tiny_out
     rc = main(["eval", str(gen), "--reference", str(ref), "--features", "random", "--size", "64",
                "--out", str(tmp_path / "rep"), "--min-per-finding", "4"])
     assert rc == 0
     m = json.loads((tmp_path / "rep/metrics.json").read_text())
-    assert m["features"]["perceptual"] is False
-    assert m["fidelity"]["available"] and m["fidelity"]["fid"] > 0
-    assert m["fidelity"]["per_finding_fid"]["available"] is False  # a plain folder has no labels
-    assert m["diversity"]["available"] and m["diversity"]["pairs"] == 12
-    assert m["memorization"]["available"] and (tmp_path / "rep/nearest_pairs.png").is_file()
+    g, r = load_set(gen, 64), load_set(ref, 64)
+    ex = features.get_extractor("random")
+    fg, fr = ex(g.images), ex(r.images)
+    kid_mean, kid_std = fidelity.kid(fr, fg)
+    assert m["features"] == {"name": "random", "perceptual": False, "note": ex.note, "dim": fg.shape[1]}
+    f = m["fidelity"]
+    assert f["available"] and f["fid"] == fidelity.fid(fr, fg) > 1e-3
+    assert (f["kid_mean"], f["kid_std"]) == (kid_mean, kid_std)
+    assert {k: f[k] for k in ("precision", "recall", "density", "coverage", "k")} == fidelity.prdc(fr, fg, 5)
+    assert f["per_finding_fid"] == {"available": False, "why": "the reference set has no finding labels (a plain folder of images)"}
+    assert m["diversity"] == diversity.diversity(g.images, g.prompts, g.seeds, "prompt") and m["diversity"]["pairs"] == 12
+    screened = memorization.screen(fr, fg, g.ids, r.ids, 0.95)
+    assert m["memorization"]["flagged"] == screened["flagged"] and m["memorization"]["pairs"] == screened["pairs"]
+    assert (tmp_path / "rep/nearest_pairs.png").is_file()
     assert m["adherence"]["sex"]["available"] is False and "--sex-model" in m["adherence"]["sex"]["why"]
 
 
@@ -192,7 +221,9 @@ def test_default_features_without_weights_say_why_not(tiny_out, tmp_path, monkey
     m = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("fidelity", "memorization"):
         assert m[key]["available"] is False and "feature extractor" in m[key]["why"]
-    assert m["features"]["name"] is None and m["diversity"]["available"] in (True, False)
+    assert m["features"]["name"] is None
+    g = load_set(gen, 48)  # diversity needs no extractor: 6 same-prompt pairs in each of the 2 prompts
+    assert m["diversity"] == diversity.diversity(g.images, g.prompts, g.seeds, "prompt") and m["diversity"]["pairs"] == 12
 
 
 def test_cli_against_itself_flags_every_image(tiny_out, tmp_path):
@@ -237,9 +268,11 @@ def test_a_label_csv_with_an_image_root_is_a_reference(tiny_out, tmp_path):
 
 
 def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
-    """A state dict in torchxrayvision's cache folder (here: untrained weights of the right shape)
-    makes the extractor and finding adherence available, through QC's one loader; a pickled
-    model is refused with a fix."""
+    """A state dict in torchxrayvision's cache folder makes the extractor and finding adherence
+    available, through QC's one loader; a pickled model is refused with a fix. The classifier is
+    set so that, by torchxrayvision's label order, "Effusion" scores bright images above dark
+    ones and "Atelectasis" the reverse, and every other label is constant: AUROC exactly 1, 0 and
+    (constant scores, all tied) 0.5."""
     import pandas as pd
     import torch
     import torch.nn.functional as F
@@ -257,6 +290,16 @@ def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
     xrv_cache_dir().mkdir(parents=True)
     torch.manual_seed(0)
     net = xrv_densenet_architecture().eval()
+    bright, dark = np.full((32, 32), 0.9, np.float32), np.full((32, 32), 0.1, np.float32)
+    with torch.no_grad():
+        fb, fd = features.xrv_features(net, torch.from_numpy(np.stack([bright, dark]))[:, None]).double()
+        w = 8 * (fb - fd) / (fb - fd).square().sum()  # logits +4 (bright) and -4 (dark)
+        b = -(w * (fb + fd) / 2).sum()
+        net.classifier.weight.zero_()
+        net.classifier.bias.zero_()
+        effusion, atelectasis = XRV_LABELS.index("Effusion"), XRV_LABELS.index("Atelectasis")
+        net.classifier.weight[effusion], net.classifier.bias[effusion] = w.float(), b.float()
+        net.classifier.weight[atelectasis], net.classifier.bias[atelectasis] = -w.float(), -b.float()
     torch.save(net.state_dict(), xrv_cache_dir() / XRV_STATE_DICTS["xrv-densenet"])
     imgs = np.random.default_rng(3).random((4, 32, 32), dtype=np.float32)
     ex = features.get_extractor("xrv-densenet")
@@ -264,14 +307,16 @@ def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
     x = F.interpolate(torch.from_numpy(imgs)[:, None], (224, 224), mode="bilinear", align_corners=False) * 2048 - 1024
     with torch.no_grad():
         expect = F.adaptive_avg_pool2d(F.relu(net.features(x)), 1).flatten(1)
-        scores = torch.sigmoid(net(x)).numpy()
     got = ex(imgs)
     assert got.shape == (4, 1024) and np.allclose(got, expect.numpy(), rtol=0, atol=1e-5)
-    out = adherence.findings_adherence(imgs, pd.DataFrame({"Effusion": [0, 1, 0, 1], "Mass": [1, 1, 1, 1]}))
+    shown = np.stack([bright, dark, bright, dark])
+    labels = pd.DataFrame({"Effusion": [1, 0, 1, 0], "Atelectasis": [1, 0, 1, 0], "Edema": [0, 1, 1, 0], "Mass": [1, 1, 1, 1]})
+    out = adherence.findings_adherence(shown, labels)
     assert out["available"] is True and out["model"] == "torchxrayvision densenet121-res224-all"
-    effusion = scores[:, XRV_LABELS.index("Effusion")]
-    assert out["per_finding"]["Effusion"]["auroc"] == adherence.auroc(effusion, np.array([0, 1, 0, 1]))
-    assert out["per_finding"]["Mass"]["auroc"] is None
+    per = out["per_finding"]
+    assert per["Effusion"] == {"auroc": 1.0, "positives": 2} and per["Atelectasis"] == {"auroc": 0.0, "positives": 2}
+    assert per["Edema"] == {"auroc": 0.5, "positives": 2}  # a label the classifier ignores: all tied
+    assert per["Mass"]["auroc"] is None and out["mean_auroc"] == 0.5
     (xrv_cache_dir() / XRV_STATE_DICTS["xrv-densenet"]).unlink()
     torch.save(net, xrv_cache_dir() / XRV_MODELS["xrv-densenet"])
     with pytest.raises(UserError, match=r"a pickled model \(torchvision.models.densenet.DenseNet\), not a state dict"):

@@ -153,16 +153,30 @@ def test_finding_visible_on_drr(drr64):
 
 
 def test_finding_visible_rule_through_the_runtime(tmp_path):
-    recipe = tmp_path / "drr.yaml"
-    recipe.write_text("name: d\nseed: 1\noutput: {size: 64, formats: [png]}\n"
-                      "qc: {max_attempts: 2, rules: [{check: finding_visible, min: 0.02}]}\n"
-                      "cohorts:\n  - {name: n, count: 2, findings: {Nodule: true}}\n")
+    """Known answers: a blank render (flat grey, chosen by its seed alone) shows no lesion, so it is
+    rejected with value exactly 0 and the job goes on to its next derived seed; the image kept is
+    the first non-blank attempt, and its lesion is visible in the written files."""
+    from chexforge.contracts.images import read_mask
+
+    recipe = sim(tmp_path, n=8, blank=0.5, attempts=6).read_text().replace(
+        "    - check: not_blank\n      min: 0.05\n    - {check: mask_area, min: 0.001}",
+        "    - {check: finding_visible, min: 0.02}")
+    r = load_recipe(write(tmp_path, recipe, "visible.yaml"))
     out = tmp_path / "out"
-    r = load_recipe(recipe)
     run(plan(r), r, out, RunOptions(progress=False))
+    retried = 0
     for row in rows(out):
-        assert row["status"] == "ok", row["error"]
-        assert json.loads(row["meta"])["qc"]["attempts"] >= 1
+        seeds = [Q.attempt_seed(row["seed"], k) for k in range(1, 7)]
+        blank = [np.random.default_rng((s, 0xB1A)).random() < 0.5 for s in seeds]
+        assert False in blank  # this recipe's seeds: every job has a non-blank attempt among 6
+        kept = blank.index(False) + 1
+        qc = json.loads(row["meta"])["qc"]
+        assert row["status"] == "ok" and qc["attempts"] == row["attempts"] == kept and qc["seed"] == seeds[kept - 1]
+        assert [(h["rule"], h["value"], h["seed"]) for h in qc["rejections"]] == [("finding_visible", 0.0, x) for x in seeds[:kept - 1]]
+        mask = read_mask(out / next(m["path"] for m in row["masks"] if m["name"] == "Nodule"))
+        assert Q.finding_visible(png(out, row["image_png"]), {"Nodule": mask}, ["Nodule"]) >= 0.02
+        retried += kept > 1
+    assert retried > 0
 
 
 CLASSIFIER = """

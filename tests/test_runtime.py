@@ -230,8 +230,19 @@ def test_inspect_and_dry_run(tmp_path):
     assert proc.returncode == 0 and "contact sheet" in proc.stdout
     from PIL import Image
 
+    from chexforge.export.contact_sheet import tile
+    from chexforge.store import open_store
+
+    # 4 images, one per cohort in turn, in one row of 4 tiles of 256 px with a 30 px caption
+    # under each; every tile is that image with its masks and boxes drawn on.
+    by = {c: [r for r in pq.read_table(out / "manifest.parquet").to_pylist() if r["cohort"] == c] for c in ("normal", "effusion")}
+    order = [by["normal"][0], by["effusion"][0], by["normal"][1], by["effusion"][1]]
     with Image.open(out / "contact_sheet.png") as im:
-        assert im.size[0] > 100 and im.mode == "RGB"
+        assert im.size == (4 * 256, 256 + 30) and im.mode == "RGB"
+        sheet = np.asarray(im)
+    for i, row in enumerate(order):
+        assert np.array_equal(sheet[:256, i * 256:(i + 1) * 256], np.asarray(tile(open_store(out), row, 256))), i
+        assert sheet[256:, i * 256:(i + 1) * 256].max() > 200  # its caption
     missing = cli("inspect", str(tmp_path))
     assert missing.returncode == 2 and "not a chexforge output folder" in missing.stderr
 

@@ -26,14 +26,42 @@ class _Given(nn.Module):
         return x
 
 
+ROUND_OFF = 1e-6  # relative to the size of the terms of the FID: below -ROUND_OFF × that, a negative is a bug
+
+
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), as
+    reported: see `frechet`."""
+    return frechet(real, fake)[0]
+
+
+def frechet(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    """(FID as reported, FID as computed). The distance is never negative, but the computed
+    ||mu_r - mu_f||² + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^½) is a difference of large terms: a set
+    against itself can come out at -1e-12. A negative within round-off of those terms
+    (ROUND_OFF × their size) is reported as 0 and `chexforge eval` writes the computed value
+    beside it (`fid_computed`); a larger negative is an error (a broken computation), never a
+    number."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     m = FrechetInceptionDistance(feature=_Given(real.shape[1]))
     m.update(torch.as_tensor(real, dtype=torch.float64), real=True)
     m.update(torch.as_tensor(fake, dtype=torch.float64), real=False)
-    return max(0.0, float(m.compute()))  # clipped at 0: round-off can make a set against itself -1e-12
+    computed = float(m.compute())
+    if computed >= 0:
+        return computed, computed
+    scale = sum(float(np.trace(np.atleast_2d(np.cov(x, rowvar=False))) + np.square(x.mean(axis=0)).sum())
+                for x in (np.asarray(real, np.float64), np.asarray(fake, np.float64)))
+    if computed < -ROUND_OFF * max(scale, 1e-300):
+        raise ArithmeticError(f"FID computed as {computed:.6g}, below zero by more than round-off "
+                              f"(terms of size {scale:.6g}): the computation is broken")
+    return 0.0, computed
+
+
+def fid_entry(real: np.ndarray, fake: np.ndarray) -> dict:
+    """{"fid": reported} and, when round-off made it negative, {"fid_computed": computed}."""
+    reported, computed = frechet(real, fake)
+    return {"fid": reported} if reported == computed else {"fid": reported, "fid_computed": computed}
 
 
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -95,5 +123,5 @@ def per_finding_fid(real: np.ndarray, fake: np.ndarray, real_labels: pd.DataFram
                       "why": f"fewer than {min_count} positive images on one side"}
         else:
             out[f] = {"available": True, "n_reference": nr, "n_generated": nf,
-                      "fid": fid(real[(real_labels[f] == 1).to_numpy()], fake[(fake_labels[f] == 1).to_numpy()])}
+                      **fid_entry(real[(real_labels[f] == 1).to_numpy()], fake[(fake_labels[f] == 1).to_numpy()])}
     return out

@@ -70,7 +70,7 @@ def evaluate(generated: str | Path, out: str | Path, opt: EvalOptions) -> dict:
     else:
         kid_mean, kid_std = fidelity.kid(f_ref, f_gen)
         report["fidelity"] = {
-            "available": True, "fid": fidelity.fid(f_ref, f_gen), "kid_mean": kid_mean, "kid_std": kid_std,
+            "available": True, **fidelity.fid_entry(f_ref, f_gen), "kid_mean": kid_mean, "kid_std": kid_std,
             **fidelity.prdc(f_ref, f_gen, opt.k),
             "per_finding_fid": fidelity.per_finding_fid(f_ref, f_gen, ref.labels, gen.labels, opt.min_per_finding),
             "min_per_finding": opt.min_per_finding,

@@ -25,6 +25,7 @@ import json
 import lzma
 import re
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,7 +89,7 @@ class _Limited(io.RawIOBase):
     def readinto(self, buffer) -> int:
         try:
             data = self.raw.read(len(buffer))
-        except (OSError, EOFError, ValueError, lzma.LZMAError, zipfile.BadZipFile) as e:  # damaged compression
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as e:  # damaged compression
             raise UserError(f"the {self.what} is damaged ({type(e).__name__}: {str(e)[:100]})", self.where) from None
         self.seen += len(data)
         if self.seen > self.limit:
@@ -183,7 +184,7 @@ def check_tree(root: Any, where: str | Path | None, what: str = "the document",
             if size > MAX_NODES:
                 raise fail(node, f"stands for more than {MAX_NODES:,} values (aliases expanded)")
             continue
-        if key in memo:
+        if key in memo or not _is_container(node):
             continue
         if key in inside:
             raise fail(node, "refers to itself (a recursive alias)")

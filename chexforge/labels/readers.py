@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +138,14 @@ def _read_csv(path: Path, **kw) -> pd.DataFrame:
     if path.is_dir():
         raise UserError("expected a label file, not a folder", path)
     try:
-        with open_limited(path, MAX_LABEL_BYTES, "label file") as stream:
-            df = pd.read_csv(stream, low_memory=False, compression=None, **kw)
+        with open_limited(path, MAX_LABEL_BYTES, "label file") as stream, warnings.catch_warnings():
+            # Rows with more fields than the header: an error, never an index made of the first columns
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(stream, low_memory=False, compression=None, index_col=False, **kw)
     except UserError:
         raise
-    except (OSError, ValueError, TypeError, OverflowError, MemoryError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, TypeError, OverflowError, MemoryError, pd.errors.ParserError,
+            pd.errors.ParserWarning, UnicodeDecodeError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"not a readable CSV ({first[:160]})", path) from None
     if df.shape[1] > MAX_LABEL_COLUMNS:

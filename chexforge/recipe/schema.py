@@ -49,6 +49,14 @@ def check_name(v: str, what: str) -> str:
     return v
 
 
+def expand_user(p: Path | str) -> Path:
+    """`~/x` → the home folder's x; `~name/x` of a user this machine does not know stays as it is."""
+    try:
+        return Path(p).expanduser()
+    except RuntimeError:
+        return Path(p)
+
+
 def as_distribution(value: Any, allowed: tuple[str, ...] | None, what: str) -> dict[str, float]:
     """`"PA"`, `[PA, AP]` (equal weights) or `{"PA": 3, "AP": 1}` → normalized weights."""
     if isinstance(value, str):
@@ -352,7 +360,7 @@ class Recipe(Strict):
     _base_dir: Path | None = PrivateAttr(None)  # folder of the recipe file: relative paths start here
 
     def resolve_path(self, p: Path | str) -> Path:
-        p = Path(p).expanduser()
+        p = expand_user(p)
         return p if p.is_absolute() or self._base_dir is None else self._base_dir / p
 
     @field_validator("name")
@@ -432,7 +440,7 @@ def _qc_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         for j, rule in enumerate(qc.rules if qc is not None else []):
             if rule.model is None:
                 continue
-            relative = rule.model not in XRV_MODELS and not Path(rule.model).expanduser().is_absolute()
+            relative = rule.model not in XRV_MODELS and not expand_user(rule.model).is_absolute()
             if relative and recipe._base_dir is None:
                 continue
             problem = model_problem(rule.model, rule.check, lambda s: Path(recipe.resolve_path(s)))

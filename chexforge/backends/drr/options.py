@@ -115,7 +115,10 @@ def subject_problem(folder: Path) -> str | None:
 def library_subjects(folder: str | Path) -> tuple[Path, list[Path] | str]:
     """A CT library's folder and its subject folders (those holding a ct.nii.gz, in name order),
     or why it has none."""
-    root = Path(folder).expanduser()
+    try:
+        root = Path(folder).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        root = Path(folder)
     if not root.exists():
         return root, "no such CT library folder"
     if not root.is_dir():

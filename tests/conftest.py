@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import textwrap
 import time
 from collections.abc import Callable
@@ -9,6 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENCE = 300.0  # seconds a test waits for a state before it gives up: a safety net, never a timing
+
+
+def required_tool(name: str, install: str) -> str:
+    """The path of an external program a test needs. Missing: under CI=1 (set by .ci/run) the test
+    fails, so a CI machine without it can never pass by skipping; elsewhere it is skipped."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} must be installed in CI ({install}; .ci/run installs it)")
+        pytest.skip(f"{name} is not installed ({install})")
+    return path
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = PATIENCE) -> object:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -22,7 +21,7 @@ from chexforge.evaluate.report_charts import composition, requested_age_pmf
 from chexforge.plan.summary import Composition
 from chexforge.recipe import parse_recipe
 
-from .conftest import write
+from .conftest import required_tool, write
 
 RECIPE = """
 name: tiny-report
@@ -163,9 +162,8 @@ def _harness(index: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (apt-get install --no-install-recommends chromium; .ci/run does)")
 def test_report_renders_in_headless_chromium(dataset, tmp_path):
+    required_tool("chromium", "apt-get install --no-install-recommends chromium")  # fails under CI=1, skips elsewhere
     dest = tmp_path / "rep"
     index = build_report(dataset, dest, per_cohort=4)
     shot = tmp_path / "shot.png"

@@ -204,11 +204,10 @@ def test_classifier_without_local_weights_is_one_line_exit_2(tmp_path, monkeypat
             assert len(lines) == 1 and expect in lines[0] and "recipe.yaml:7:" in lines[0], proc.stderr
             assert "Traceback" not in proc.stderr
         assert not (tmp_path / "o" / "manifest.parquet").exists()
-    # A relative path is checked when the runtime loads it (the recipe's folder known): still an error.
+    # A relative path starts at the recipe's folder, and is checked at validate all the same.
     recipe = write(tmp_path, CLASSIFIER.replace("MODEL", "rel/none.pt"))
-    r = load_recipe(recipe)
-    with pytest.raises(UserError, match="no such model file"):
-        run(plan(r), r, tmp_path / "o2", RunOptions(progress=False))
+    with pytest.raises(UserError, match=r"recipe.yaml:7:14: qc.rules\[0\].model: no such model file '.*/rel/none.pt'"):
+        load_recipe(recipe)
 
 
 class Fixed:

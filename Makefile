@@ -6,6 +6,7 @@
 #   make plan RECIPE=r.yaml                 dry run: the jobs, the mix, the estimated time
 #   make balance LABELS=train.csv BY=sex,age BALANCE=balance.yaml   audit a label file, write the top-up recipe
 #   make validate                           check every recipe in recipes/
+#   make verify OUT=out/x                   re-hash every file of a dataset against its manifest
 #   make report OUT=out/x                   static HTML report of a dataset: OUT/report/index.html
 #   make eval OUT=out/x REFERENCE=real/     metrics (FID/KID, PRDC, MS-SSIM, memorization): OUT/report/metrics.json
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
@@ -21,7 +22,7 @@ BALANCE ?= balance.yaml
 OUT    ?= out/$(basename $(notdir $(RECIPE)))
 ARGS   ?=
 
-.PHONY: help install demo test test-fast lint dataset plan validate inspect balance audit priors bench clean
+.PHONY: help install demo test test-fast lint dataset plan validate inspect verify balance audit priors bench clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -63,6 +64,9 @@ validate: install  ## check every recipe in recipes/
 
 inspect: install  ## counts and a contact sheet for OUT
 	$(BIN)/chexforge inspect $(OUT)
+
+verify: install  ## re-hash every file of OUT against its manifest (exit 1 on missing, corrupt or orphan files)
+	$(BIN)/chexforge verify $(OUT)
 
 .PHONY: eval
 REFERENCE ?=

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
-from ..plan import PlanReport, summarise
+from ..plan import PlanReport, iter_plan, summarise
 from ..recipe.loader import load_recipe, recipe_dict, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
@@ -169,7 +169,8 @@ def dry_run(recipe: str | Path | None = None, jobs: str | Path | None = None, sh
     """`chexforge generate --dry-run`: what the run would make, summarised from the job stream
     chunk by chunk (memory bounded by a chunk, whatever the number of jobs); writes nothing."""
     r, source = open_jobs(recipe, jobs)
-    return summarise(source.chunks(), r.backend, show)
+    chunks = source.chunks() if jobs is not None else iter_plan(r)  # the planner's own, larger chunks
+    return summarise(chunks, r.backend, show)
 
 
 def run(jobs: pa.Table | JobSource, recipe: Recipe, out: str | Path, options: RunOptions | None = None) -> RunSummary:

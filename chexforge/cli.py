@@ -235,6 +235,9 @@ def verify(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
     from .runtime.verify import verify as check
 
     report = check(out)
+    if report.writer is not None:
+        err.print(f"[yellow]warning:[/yellow] a run is writing here: {report.writer}; the files of its batches in "
+                  "flight show as orphans until it commits them", highlight=False, soft_wrap=True)
     for line in report.damaged:
         out_console.print(f"damaged manifest file {line}", highlight=False, soft_wrap=True)
     for rel in report.missing:

@@ -263,11 +263,4 @@ def holder_of(store: Store) -> Holder | None:
     return holder if holder is not None and holder.alive() else None
 
 
-def check_not_locked(store: Store) -> None:
-    """Refuse (one line naming the holder) when a live run holds the folder's lock."""
-    holder = holder_of(store)
-    if holder is not None:
-        raise _busy(store.root, holder)
-
-
-__all__ = ["LOCK_FILE", "Holder", "OutputLock", "check_not_locked", "current_command", "holder_of"]
+__all__ = ["LOCK_FILE", "Holder", "OutputLock", "current_command", "holder_of"]

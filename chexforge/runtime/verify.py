@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..store import Store, open_store
 from .jobs import in_sorted
-from .lock import check_not_locked
+from .lock import holder_of
 
 FOLDERS = ("images", "dicom", "masks")  # where every file of a job lives
 COLUMNS = ["job_id", "status", "image_png", "sha256_png", "image_dicom", "sha256_dicom", "masks",
@@ -40,6 +40,7 @@ class VerifyReport:
     corrupt: list[str] = field(default_factory=list)  # "path: what differs"
     orphans: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # "manifest file: why it does not read"
+    writer: str | None = None  # a run holding the folder's lock while it was checked (its files in flight show)
 
     @property
     def problems(self) -> int:
@@ -51,10 +52,11 @@ def verify(out: str, threads: int | None = None, progress: Callable[[int], None]
     store = open_store(out)
     if not store.exists(mf.MANIFEST) and not mf.part_names(store):
         raise UserError("no manifest.parquet: not a chexforge output folder", out)
-    check_not_locked(store)  # a run writing here would show its files in flight as orphans
+    holder = holder_of(store)  # a run writing here shows its files in flight as orphans: said, not refused
     damaged = [f"{rel}: {why}" for rel, why in mf.damaged(store)]
     table = mf.read_manifest(store, COLUMNS, on_damaged=lambda e: None)
-    report = VerifyReport(str(out), table.num_rows, 0, damaged=damaged)
+    report = VerifyReport(str(out), table.num_rows, 0, damaged=damaged,
+                          writer=holder.describe() if holder is not None else None)
     listed: list[int] = []
     workers = threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:

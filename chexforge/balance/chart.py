@@ -35,7 +35,7 @@ def audit_chart(before: dict, after: dict | None = None, title: str = "") -> byt
     ax.set_title("group sizes")
     for k, (rep, name) in enumerate([(before, "prevalence before")] + ([(after, "prevalence after")] if after else [])):
         rows = {group_label(g["group"]): g["prevalence"] for g in rep["groups"]}
-        grid = np.array([[rows.get(lbl, {}).get(f, np.nan) for f in findings] for lbl in groups])
+        grid = np.array([[rows.get(lbl, {}).get(f, np.nan) for f in findings] for lbl in groups], dtype=float)  # None: no image
         axp = axes[1 + k]
         im = axp.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.05, np.nanmax(grid) if grid.size else 1))
         axp.set_xticks(range(len(findings)), findings, rotation=60, ha="right", fontsize=8)

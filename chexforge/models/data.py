@@ -11,12 +11,12 @@ columns feed the control branch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..contracts.limits import load_json
 from ..contracts.vocabulary import ALIASES, FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 
@@ -85,10 +85,7 @@ def _from_csv(path: Path, root: Path) -> list[Example]:
             prompt = f"{job['view']} chest radiograph. " + (". ".join(positive) + "." if positive else "No acute cardiopulmonary abnormality.")
         boxes = []
         if isinstance(row.get("boxes"), str) and row["boxes"].strip():
-            try:
-                boxes = json.loads(row["boxes"])
-            except json.JSONDecodeError as e:
-                raise UserError(f"column boxes: not JSON ({e.msg})", f"{path}:{i}") from None
+            boxes = load_json(row["boxes"], f"{path}:{i}", "column boxes")
         masks = {}
         if isinstance(row.get("mask"), str) and row["mask"]:
             masks[str(row.get("mask_label") or "Lesion")] = root / row["mask"]

@@ -34,7 +34,7 @@ from .. import __version__  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from . import schedulers  # noqa: E402
 from . import vae as vae_ops
-from .folder import CLASS_NAME, read_model_index  # noqa: E402
+from .folder import CLASS_NAME, read_folder_json, read_model_index  # noqa: E402
 from .text import TextEncoder, load_text_encoder  # noqa: E402
 from .transformer import ControlBranch, GuidedTransformer  # noqa: E402
 from .weights import load_state_dict, save_state_dict  # noqa: E402
@@ -124,12 +124,12 @@ class ChexforgePipeline:
             raise UserError(f"a pipeline component is missing or unreadable ({e})", folder) from None
         control = None
         if (folder / "controlnet" / "config.json").is_file():
-            blocks = json.loads((folder / "controlnet" / "config.json").read_text())["blocks"]
+            blocks = read_folder_json(folder / "controlnet", "config.json").get("blocks")
             control = ControlBranch(base, blocks)
             _load_strict(control, load_state_dict(folder / "controlnet" / "model.safetensors"), folder / "controlnet")
         text = load_text_encoder(folder / "text_encoder")
         null = load_state_dict(folder / "null_embedding.safetensors")["null_embedding"]
-        meta = json.loads((folder / "chexforge.json").read_text()) if (folder / "chexforge.json").is_file() else {}
+        meta = read_folder_json(folder, "chexforge.json", default={})
         cond = Conditioning(prefix=meta.get("prefix", "chexgen"), guidance_text=meta.get("guidance_text", 4.0),
                             guidance_control=meta.get("guidance_control", 1.0), extra=meta.get("extra", {}))
         pipe = cls(GuidedTransformer(base, control), vae, text, null, train, cond)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .folder import read_folder_json
 from .weights import load_state_dict, save_state_dict
 
 META = "chexforge_text.json"
@@ -163,7 +164,7 @@ def load_text_encoder(folder: Path) -> TextEncoder:
     meta_path = folder / META
     if not meta_path.is_file():
         raise UserError(f"no {META}: not a chexforge text encoder folder", folder)
-    meta = json.loads(meta_path.read_text())
+    meta = read_folder_json(folder, META)
     kinds = {"open_clip": OpenClipText, "t5": T5Text}
     if meta.get("kind") not in kinds:
         raise UserError(f"unknown text encoder kind {meta.get('kind')!r}", meta_path)

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 
 from ..contracts.images import read_gray
+from ..contracts.limits import load_json
 from ..devices import torch_device
 from ..errors import UserError
 from . import control_image
 from . import vae as vae_ops
 from .data import Example, read_examples
+from .folder import read_folder_json
 from .pipeline import ChexforgePipeline
 from .weights import load_state_dict, save_state_dict
 
@@ -153,7 +155,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict:
 
 def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    opt.load_state_dict({"state": raw["state"], "param_groups": json.loads(raw["param_groups"])})
+    opt.load_state_dict({"state": raw["state"], "param_groups": load_json(raw["param_groups"], path, "the optimizer state")})
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
 
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_folder_json(ckpt, "state.json")
         weights = load_state_dict(ckpt / "model.safetensors")
         with torch.no_grad():
             for k, p in params.items():

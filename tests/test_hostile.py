@@ -264,8 +264,6 @@ def test_a_damaged_ct_library_subject_is_a_reason_not_an_exception(tmp_path):
     assert "ct.nii.gz is damaged" in check_subject(subject)
 
 
-@pytest.mark.xfail(strict=True, reason="needs chexforge/balance/chart.py: np.array([...], dtype=float) for the "
-                   "prevalence grid (an empty group's prevalence is None); see issue 13 item 7")
 def test_balance_on_a_three_row_file_is_one_line_or_a_recipe(tmp_path):
     from chexforge.balance import balance_labels
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc  # user text (recipe keys, errors) is never console markup
 from rich.table import Table
 
 from . import __version__
@@ -67,7 +68,7 @@ def validate(recipes: list[Path] = typer.Argument(..., help="Recipe files (YAML)
         try:
             r = load_recipe(path)
         except UserError as e:
-            err.print(f"[red]✗[/red] {e.line()}", highlight=False, soft_wrap=True)
+            err.print(f"[red]✗[/red] {esc(e.line())}", highlight=False, soft_wrap=True)
             bad += 1
             continue
         out_console.print(f"[green]✓[/green] {path}: {r.name}, {len(r.cohorts)} cohort(s), {r.total} images, backend {r.backend}",
@@ -163,7 +164,7 @@ def generate(
                          progress=progress, devices=devices, engine=engine, ray_address=ray_address,
                          ray_actors=ray_actors, gpus_per_actor=gpus_per_actor, shard=parse_shard(shard),
                          export_threads=export_threads, max_attempts=max_attempts, break_lock=break_lock,
-                         on_warning=lambda text: err.print(f"[yellow]warning:[/yellow] {text}", highlight=False,
+                         on_warning=lambda text: err.print(f"[yellow]warning:[/yellow] {esc(text)}", highlight=False,
                                                            soft_wrap=True))
     summary = make_dataset(out, recipe, jobs, options)
     done = summary.skipped + summary.generated + summary.failed
@@ -173,7 +174,7 @@ def generate(
         line += f" ({summary.skipped} were already there)"
     out_console.print(line, highlight=False, soft_wrap=True)
     if summary.failed:
-        err.print(f"[yellow]{summary.failed} job(s) failed[/yellow] (recorded in the manifest), e.g. {summary.errors[0]}",
+        err.print(f"[yellow]{summary.failed} job(s) failed[/yellow] (recorded in the manifest), e.g. {esc(summary.errors[0])}",
                   highlight=False)
     if summary.interrupted:
         err.print("interrupted: the batches in flight were committed; run the same command again to resume")
@@ -207,9 +208,9 @@ def status(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
     t.add_row("failed", str(st.failed))
     out_console.print(t)
     for w in st.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {esc(w)}", highlight=False, soft_wrap=True)
     for r in st.errors:
-        err.print(f"failed {r['job_id']}: {r['error']}", highlight=False)
+        err.print(f"failed {r['job_id']}: {esc(str(r['error']))}", highlight=False)
 
 
 @app.command()
@@ -236,7 +237,7 @@ def verify(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
 
     report = check(out)
     if report.writer is not None:
-        err.print(f"[yellow]warning:[/yellow] a run is writing here: {report.writer}; the files of its batches in "
+        err.print(f"[yellow]warning:[/yellow] a run is writing here: {esc(str(report.writer))}; the files of its batches in "
                   "flight show as orphans until it commits them", highlight=False, soft_wrap=True)
     for line in report.damaged:
         out_console.print(f"damaged manifest file {line}", highlight=False, soft_wrap=True)
@@ -554,7 +555,7 @@ def balance_cmd(
     _print_audit(r.before, r.after, title=f"{labels}: {r.real} real images + {r.synthetic} synthetic (before → after)",
                  prefer=backend_info(backend).findings)
     for note in r.notes:
-        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        err.print(f"[yellow]note:[/yellow] {esc(note)}", highlight=False)
     out_console.print(f"wrote {out} ({r.added} images in {r.cohorts} cohorts) "
                       f"and {r.report_dir}/audit.png; run it with: chexforge generate {out} --out OUT")
     if generate_out is not None:
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if _state["debug"]:
             raise
-        err.print(f"chexforge: error: {e.line()}", highlight=False, soft_wrap=True)
+        err.print(f"chexforge: error: {esc(e.line())}", highlight=False, soft_wrap=True)
         return 2
     except typer.Exit as e:
         return int(getattr(e, "exit_code", 0) or 0)
@@ -609,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "chexforge"
-        err.print(f"{where}: error: {e.format_message()} (see {where} --help)", highlight=False, soft_wrap=True)
+        err.print(f"{where}: error: {esc(e.format_message())} (see {where} --help)", highlight=False, soft_wrap=True)
         return int(getattr(e, "exit_code", 2) or 2)
 
 

@@ -337,17 +337,12 @@ def test_generate_writes_nothing_for_a_recipe_validate_refuses(tmp_path):
                                      "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got 0.5, 0.1, 0.2, 0.3")
 
 
-@pytest.mark.xfail(strict=True, reason="needs chexforge/cli.py to print errors through rich.markup.escape(e.line()) "
-                   "(a key such as '[/a]' is read as console markup: MarkupError, a traceback)")
 def test_error_text_that_looks_like_console_markup_is_printed_as_is(tmp_path):
     path = write(tmp_path, SMALL.replace("cohorts:", "'[/a]': 1\ncohorts:"))
     line = one_line(run_cli(["validate", path])[0])
     assert "unknown key '[/a]'" in line
 
 
-@pytest.mark.xfail(strict=True, reason="needs chexforge/runtime/runner.py open_jobs to build the recipe with "
-                   "chexforge.recipe.recipe_from_json(read_jobs(jobs, header_only=True), str(jobs)) instead of "
-                   "Recipe.model_validate (a pydantic ValidationError is a traceback)")
 def test_generate_jobs_with_a_hand_edited_recipe_is_one_line(tmp_path):
     table = _plan_table(tmp_path)
     meta = dict(table.schema.metadata)

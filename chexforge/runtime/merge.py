@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from .. import atomic
 from ..contracts.jobs import RECIPE_KEY, table_bytes, with_recipe
+from ..contracts.limits import load_json
 from ..errors import UserError
 from ..export import manifest as mf
-from ..recipe.loader import recipe_to_yaml
-from ..recipe.schema import Recipe
+from ..recipe.loader import recipe_from_json, recipe_to_yaml
 from ..store import Store, open_store
 from .lock import OutputLock
 from .runner import write_dataset_files
@@ -51,11 +51,13 @@ def merge(sources: list[str], out: str, progress=None, break_lock: bool = False)
         meta = {}
         if store.exists(mf.MANIFEST):
             meta = pq.read_schema(io.BytesIO(store.read_bytes(mf.MANIFEST))).metadata or {}
-        recipes.append(json.loads(meta[RECIPE_KEY]) if RECIPE_KEY in meta else None)
+        recipes.append(load_json(meta[RECIPE_KEY], src, "the recipe in its manifest") if RECIPE_KEY in meta else None)
         tables.append((store, table))
     known = [r for r in recipes if r is not None]
     if any(json.dumps(r, sort_keys=True) != json.dumps(known[0], sort_keys=True) for r in known[1:]):
         raise UserError("the folders were made from different recipes; merge shards of one plan only")
+    if known:
+        recipe_from_json(known[0], f"{sources[0]}/manifest.parquet")  # a damaged recipe refuses before any write
     taken, deduped = _select_rows(tables)  # refuses conflicting duplicates: nothing written yet
     target = open_store(out)
     fresh = target.local_path() is not None and not target.local_path().exists()
@@ -111,7 +113,7 @@ def _write(target: Store, taken: list[tuple[Store, dict]], deduped: int, recipe_
     for rel in mf.part_names(target):
         target.remove(rel)
     if recipe_json:
-        target.write_text("recipe.yaml", recipe_to_yaml(Recipe.model_validate(recipe_json)))
+        target.write_text("recipe.yaml", recipe_to_yaml(recipe_from_json(recipe_json, "the merged recipe")))
     write_dataset_files(target, recipe_json, merged)
     ok = sum(r["status"] == "ok" for r in rows_out)
     return {"jobs": len(rows_out), "ok": ok, "failed": len(rows_out) - ok, "files": copied, "duplicates": deduped}

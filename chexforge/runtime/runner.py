@@ -28,7 +28,7 @@ from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
 from ..plan import PlanReport, iter_plan, summarise
-from ..recipe.loader import load_recipe, recipe_dict, recipe_to_yaml
+from ..recipe.loader import load_recipe, recipe_dict, recipe_from_json, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
 from .batch import RunSpec
@@ -152,7 +152,7 @@ def open_jobs(recipe: str | Path | None = None, jobs: str | Path | None = None) 
     if (recipe is None) == (jobs is None):
         raise UserError("give a recipe file or --jobs JOBS.parquet (one of the two)", "generate")
     if jobs is not None:
-        return Recipe.model_validate(read_jobs(jobs, header_only=True)), JobSource.from_parquet(jobs)
+        return recipe_from_json(read_jobs(jobs, header_only=True), str(jobs)), JobSource.from_parquet(jobs)
     r = load_recipe(recipe)
     return r, JobSource.from_recipe(r)
 

@@ -176,3 +176,13 @@ def test_a_ct_identity_is_its_content_not_its_path(tmp_path):
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
     assert source_digest(str(copy)) != source_digest(str(twin))
+
+
+def test_a_library_identity_does_not_depend_on_where_it_lies(library, tmp_path):
+    import shutil
+
+    from chexforge.backends.drr.library import Library
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(library, moved)
+    assert Library(moved).identity == Library(library).identity

@@ -46,7 +46,7 @@ class DRRBackend:
         if self.library:
             self.library.pick(0)  # a library without a usable chest: one error now, not one per job
         # What identifies the CT(s) of the whole run; a job's detail level is in its meta.
-        self.model_hash = self.library.digest if self.library else source_digest(options.ct)
+        self.model_hash = self.library.identity if self.library else source_digest(options.ct)
         self.scenes = Scenes(options.ct_cache, options.polychromatic, self.device)
 
     def scene_for(self, job: dict[str, Any]) -> Scene:

@@ -95,6 +95,10 @@ class Library:
         listing = "|".join(f"{p.name}:{(p / 'ct.nii.gz').stat().st_mtime_ns}" for p in self.subjects)
         self.digest = hashlib.blake2b(f"{self.folder.resolve()}|{listing}".encode(), digest_size=8).hexdigest()
         self._verdict_file = cache_dir() / "ct" / f"library-{self.digest}.json"
+        # The manifest's model_hash: subject names and file sizes, the same wherever the library is
+        # copied (the cache key above may use paths and times; reading every CT's bytes would not scale).
+        sizes = "|".join(f"{p.name}:{(p / 'ct.nii.gz').stat().st_size}" for p in self.subjects)
+        self.identity = hashlib.blake2b(sizes.encode(), digest_size=8).hexdigest()
         self.verdicts: dict[str, str | None] = self._load_verdicts()
 
     def _load_verdicts(self) -> dict[str, str | None]:

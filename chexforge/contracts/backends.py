@@ -95,7 +95,7 @@ BACKENDS: dict[str, BackendInfo] = {
         options_model="chexforge.backends.simulated.options:SimulatedOptions",
         factory="chexforge.backends.simulated.backend:SimulatedBackend",
         seconds_per_image={"cpu": 0.0},
-        default_anatomy=("lungs", "heart"),  # as drr: a cohort naming no masks gets these
+        default_anatomy=("lungs",),  # a cohort naming no masks: one mask an image, as before (not an unasked Nodule)
         default_layout="none",
     ),
 }

@@ -4,7 +4,7 @@ after a sleep.
 It stands in for a GPU in pipeline benchmarks (wall time against pure device time) and lets
 fault tests kill a worker at a chosen job. It returns what its entry in contracts/backends.py
 claims: a mask for every anatomy structure the job names (`anatomy`: two lungs and a heart,
-drawn as ellipses) and, for every finding the job requests, a bright blob with its mask and a
+drawn as ellipses; the lungs when its cohort names none) and, for every finding the job requests, a bright blob with its mask and a
 box per blob (on the requested side: the patient's right is the image's left; two blobs when
 bilateral; inside the job's explicit box when it has one). Images depend only on the job's seed
 and row.

@@ -318,7 +318,7 @@ def test_a_classifier_without_finding_labels_is_an_error_not_a_pass(tmp_path):
     foreign = Fixed.save(torch, tmp_path / "pets.pt", [0.0, 0.0], ["cat", "dog"])
     r = load_recipe(write(tmp_path, CLASSIFY.format(model=foreign)))
     with pytest.raises(UserError, match=r"qc classifier: the model names no chexforge finding \(its `pathologies` attribute: \['cat', 'dog'\]\)"):
-        run(plan(r), r, tmp_path / "o2", RunOptions(progress=False, devices="cpu:1"))
+        run(plan(r), r, tmp_path / "o2", RunOptions(progress=False))
     assert not list((tmp_path / "o2").rglob("*.png"))
     # Labels that do not match the outputs: an error, never one label read as another.
     short = Fixed.save(torch, tmp_path / "short.pt", [0.0, 0.0], ["Nodule"])

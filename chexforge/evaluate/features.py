@@ -122,9 +122,9 @@ def hf_extractor(folder: str | Path, name: str) -> Extractor:
     mean, std, size = [0.5] * 3, [0.5] * 3, 224
     pp = folder / "preprocessor_config.json"
     if pp.is_file():
-        import json
+        from ..contracts.limits import read_json
 
-        cfg = json.loads(pp.read_text())
+        cfg = read_json(pp, "preprocessor_config.json")
         mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
         crop = cfg.get("crop_size") or cfg.get("size") or {}
         size = int(crop.get("height", crop.get("shortest_edge", size)) if isinstance(crop, dict) else crop)

@@ -81,15 +81,14 @@ def load_dataset(out: str | Path) -> tuple[Store, pa.Table, Recipe | None, dict]
     table = mf.read_manifest(store)
     recipe, raw = None, {}
     if store.exists("recipe.yaml"):
-        import yaml
-
+        from ..contracts.limits import load_yaml
         from ..recipe import parse_recipe
 
         text = store.read_bytes("recipe.yaml").decode("utf-8", "replace")
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text, f"{store.root}/recipe.yaml") or {}  # under the limits: an output folder is input too
             recipe = parse_recipe(text, f"{store.root}/recipe.yaml")
-        except (UserError, yaml.YAMLError, ValueError):
+        except (UserError, ValueError):
             recipe = None  # the report still shows what was realised; the page says why
     return store, table, recipe, raw if isinstance(raw, dict) else {}
 

@@ -31,25 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
+from plan_bench import RECIPE as PLAN_BENCH_RECIPE  # noqa: E402
 
-RECIPE = """
-name: bench
-seed: 1
-backend: drr
-cohorts:
-  - name: big
-    count: {n}
-    view: {{PA: 0.7, AP: 0.3}}
-    demographics:
-      sex: {{F: 0.5, M: 0.5}}
-      age: {{mean: 60, sd: 15}}
-      race: {{Asian: 0.2, Black: 0.2, White: 0.6}}
-    findings:
-      Effusion: {{p: 0.3, laterality: [left, right, bilateral]}}
-      Nodule: 0.1
-      Mass: 0.05
-      Cardiomegaly: 0.2
-  - name: small
+# The planner benchmark's recipe (one large cohort, four findings, race, ages) and a small second
+# cohort, so a plan always crosses a cohort boundary.
+RECIPE = PLAN_BENCH_RECIPE + """  - name: small
     count: 1000
 """
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from chexforge import atomic
+from chexforge.contracts import manifest as mc
 from chexforge.contracts.jobs import shard_of
 from chexforge.errors import UserError
 from chexforge.export import manifest as mf
@@ -150,7 +151,7 @@ def test_shards_partition_the_plan_and_merge_back(tmp_path):
 
 
 def committed_parts(out) -> set[str]:
-    return set(mf.part_names(out)) if (out / mf.PARTS).is_dir() else set()
+    return set(mf.part_names(out)) if (out / mc.PARTS).is_dir() else set()
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import __version__, atomic
+from ..contracts import manifest as mc
 from ..contracts.jobs import laterality_column, severity_column
 from ..contracts.vocabulary import NO_FINDING
 from ..errors import UserError
@@ -76,7 +77,7 @@ def load_dataset(out: str | Path) -> tuple[Store, pa.Table, Recipe | None, dict]
     """(store, manifest, parsed recipe or None, raw recipe dict); UserError for a folder that is not
     a chexforge output folder."""
     store = open_store(out)
-    if not store.exists(mf.MANIFEST) and not mf.part_names(store):
+    if not store.exists(mc.MANIFEST) and not mf.part_names(store):
         raise UserError("no manifest.parquet here: not a chexforge output folder (or nothing generated yet)", out)
     table = mf.read_manifest(store)
     recipe, raw = None, {}

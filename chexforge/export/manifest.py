@@ -17,12 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..contracts.jobs import decode_job_ids, table_bytes, with_recipe
-from ..contracts.manifest import (  # noqa: F401 (this module's API too)
-    CHECK_COLUMNS,
+from ..contracts.manifest import (
     MANIFEST,
     OPTIONAL_COLUMNS,
     PARTS,
-    STATUS_COLUMNS,
     manifest_schema,
 )
 from ..errors import UserError

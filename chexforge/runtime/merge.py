@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .. import atomic
+from ..contracts import manifest as mc
 from ..contracts.jobs import RECIPE_KEY, table_bytes, with_recipe
 from ..contracts.limits import load_json
 from ..errors import UserError
@@ -45,12 +46,12 @@ def merge(sources: list[str], out: str, progress=None, break_lock: bool = False)
     tables, recipes = [], []
     for src in sources:
         store = open_store(src)
-        if not store.exists(mf.MANIFEST) and not mf.part_names(store):
+        if not store.exists(mc.MANIFEST) and not mf.part_names(store):
             raise UserError("no manifest.parquet: not a chexforge output folder", src)
         table = mf.read_manifest(store)
         meta = {}
-        if store.exists(mf.MANIFEST):
-            meta = pq.read_schema(io.BytesIO(store.read_bytes(mf.MANIFEST))).metadata or {}
+        if store.exists(mc.MANIFEST):
+            meta = pq.read_schema(io.BytesIO(store.read_bytes(mc.MANIFEST))).metadata or {}
         recipes.append(load_json(meta[RECIPE_KEY], src, "the recipe in its manifest") if RECIPE_KEY in meta else None)
         tables.append((store, table))
     known = [r for r in recipes if r is not None]
@@ -106,10 +107,10 @@ def _write(target: Store, taken: list[tuple[Store, dict]], deduped: int, recipe_
     merged = mf.rows_to_table(rows_out)
     if recipe_json:
         merged = with_recipe(merged, recipe_json)
-    for rel in (mf.MANIFEST, "recipe.yaml", "coco.json", "README.md"):
+    for rel in (mc.MANIFEST, "recipe.yaml", "coco.json", "README.md"):
         if not target.exists(rel):
             created.append(rel)
-    target.write_bytes(mf.MANIFEST, table_bytes(merged))
+    target.write_bytes(mc.MANIFEST, table_bytes(merged))
     for rel in mf.part_names(target):
         target.remove(rel)
     if recipe_json:

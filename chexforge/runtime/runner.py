@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..contracts import manifest as mc
 from ..contracts.backends import backend_info
 from ..contracts.jobs import decode_job_ids, read_jobs
 from ..errors import UserError
@@ -37,7 +38,7 @@ from .lock import OutputLock
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import CtrlC, Tracker
 
-OUTPUTS = ("images", "dicom", "masks", mf.PARTS, mf.MANIFEST, "coco.json", "README.md", "recipe.yaml",
+OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "README.md", "recipe.yaml",
            "contact_sheet.png", ".run.json", mf.QUARANTINE)
 
 
@@ -110,7 +111,7 @@ def prepare_output(store: Store, overwrite: bool, warn: Callable[[str], None] = 
 def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarray:
     """Ids (uint64) the manifest holds with all their files in place (present, and at the recorded
     size where the manifest records sizes); checks the plan matches."""
-    table = mf.read_manifest(store, mf.CHECK_COLUMNS)
+    table = mf.read_manifest(store, mc.CHECK_COLUMNS)
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.uint64)
     ids = decode_job_ids(table.column("job_id"))

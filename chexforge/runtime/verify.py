@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import atomic
+from ..contracts import manifest as mc
 from ..errors import UserError
 from ..export import manifest as mf
 from ..store import Store, open_store
@@ -50,7 +51,7 @@ class VerifyReport:
 def verify(out: str, threads: int | None = None, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check every file of the dataset in `out` against its manifest (see the module doc)."""
     store = open_store(out)
-    if not store.exists(mf.MANIFEST) and not mf.part_names(store):
+    if not store.exists(mc.MANIFEST) and not mf.part_names(store):
         raise UserError("no manifest.parquet: not a chexforge output folder", out)
     holder = holder_of(store)  # a run writing here shows its files in flight as orphans: said, not refused
     damaged = [f"{rel}: {why}" for rel, why in mf.damaged(store)]

@@ -93,3 +93,77 @@ def test_coco_boxes_in_pixels():
     names = {c["id"]: c["name"] for c in coco["categories"]}
     assert names[ann["category_id"]] == "Nodule"
     assert coco["images"][0]["file_name"] == "images/c/a.png"
+
+
+# ---- studies: the images of one patient's study in DICOM --------------------------------------------
+
+STUDY_RECIPE = """
+name: studies
+seed: 9
+backend: simulated
+output: {size: 64, formats: [png, dicom]}
+cohorts:
+  - name: pairs
+    count: 2
+    study: {views: [PA, LL]}
+    findings: {Effusion: {p: 1.0, laterality: [left, right]}}
+  - name: single
+    count: 2
+"""
+
+
+def test_the_dicom_files_of_a_study_share_patient_and_study(tmp_path):
+    import pyarrow.parquet as pq
+
+    from chexforge.plan import plan
+    from chexforge.recipe import load_recipe
+    from chexforge.runtime import RunOptions, run
+
+    from .conftest import write
+
+    r = load_recipe(write(tmp_path, STUDY_RECIPE))
+    jobs = plan(r)
+    run(jobs, r, tmp_path / "out", RunOptions(progress=False))
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert [m["status"] for m in manifest] == ["ok"] * 6
+    assert [(m["patient_id"], m["study_id"]) for m in manifest] == \
+        list(zip(jobs.column("patient_id").to_pylist(), jobs.column("study_id").to_pylist()))
+    files = {m["job_id"]: pydicom.dcmread(tmp_path / "out" / m["image_dicom"]) for m in manifest}
+    pairs = [m for m in manifest if m["cohort"] == "pairs"]
+    for pa_row, ll_row in (pairs[0:2], pairs[2:4]):
+        assert (pa_row["view"], ll_row["view"]) == ("PA", "LL") and pa_row["study_id"] == ll_row["study_id"]
+        a, b = files[pa_row["job_id"]], files[ll_row["job_id"]]
+        assert a.PatientID == b.PatientID == pa_row["patient_id"]
+        assert a.StudyInstanceUID == b.StudyInstanceUID
+        assert a.StudyID == b.StudyID and a.AccessionNumber == b.AccessionNumber
+        assert a.StudyDate == b.StudyDate and a.StudyTime == b.StudyTime and a.StudyDescription == "pairs"
+        assert a.SeriesInstanceUID != b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
+        assert (a.SeriesNumber, b.SeriesNumber) == (1, 2)
+        assert (a.SeriesDescription, b.SeriesDescription) == ("PA", "LL") == (a.ViewPosition, b.ViewPosition)
+        assert a.PatientSex == b.PatientSex and a.PatientAge == b.PatientAge
+    first, second = (files[m["job_id"]] for m in pairs[0:4:2])
+    assert first.PatientID != second.PatientID and first.StudyInstanceUID != second.StudyInstanceUID
+    singles = [files[m["job_id"]] for m in manifest if m["cohort"] == "single"]
+    assert singles[0].PatientID != singles[1].PatientID and singles[0].StudyInstanceUID != singles[1].StudyInstanceUID
+    assert singles[0].SeriesNumber == 1
+    from chexforge.labels.readers import read_labels
+
+    labels = read_labels(tmp_path / "out" / "manifest.parquet")  # audit/balance read patients as patients
+    assert len(labels) == 6 and labels["patient"].nunique() == 4
+    for m in manifest:
+        report = dciodvfy(tmp_path / "out" / m["image_dicom"])
+        assert "DXImageForPresentation" in report
+        assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def test_a_job_without_patient_columns_is_its_own_patient_and_study():
+    """A job of a table planned before patient_id/study_id (nulls): named by its job id, as before."""
+    image = np.random.default_rng(3).random((32, 32), dtype=np.float32)
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
+        dx_bytes(image, {**JOB, "patient_id": None, "study_id": None, "patient_seed": None}, 1.0)))
+    assert ds.PatientID == JOB["job_id"] and ds.StudyID == JOB["job_id"] and ds.SeriesNumber == 1
+    assert len(ds.StudyDate) == 8 and ds.StudyDate[:2] == "20"
+    with_ids = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
+        dx_bytes(image, {**JOB, "patient_id": "P" + "1" * 16, "study_id": "S" + "2" * 16}, 1.0, series=3)))
+    assert with_ids.PatientID == "P" + "1" * 16 and with_ids.StudyID == "2" * 16 and with_ids.SeriesNumber == 3
+    assert with_ids.StudyInstanceUID != ds.StudyInstanceUID

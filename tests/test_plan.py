@@ -219,3 +219,128 @@ def test_a_manifest_counts_ok_rows_and_tallies_the_failed():
     assert comp.cohorts["a"].view == {"PA": 1} and comp.cohorts["a"].findings["Nodule"] == 1
     assert [k for k, _ in comp.counted()] == ["a", "b"]
     assert label_counts(t) == {"a": {"Nodule": 1}, "b": {}}  # b's ok row has no finding column set
+
+
+# ---- patients and studies (issue 12, item 2) ---------------------------------------------------------
+
+STUDY = """
+name: s
+seed: 4
+cohorts:
+  - name: pairs
+    count: {n}
+    study: {{views: [PA, LL]}}
+    demographics:
+      sex: {{F: 0.5, M: 0.5}}
+      age: {{mean: 60, sd: 15, min: 20, max: 95}}
+      race: {{Asian: 1, Black: 1, White: 1}}
+    findings:
+      Effusion: {{p: 0.5, laterality: [left, right, bilateral], severity: [small, large]}}
+      Pneumothorax: 0.3
+      Nodule: 0.3
+      Cardiomegaly: 0.3
+  - name: single
+    count: 7
+"""
+PATIENT_COLUMNS = ["patient_id", "study_id", "patient_seed"]
+
+
+def study_recipe(n: int):
+    return parse_recipe(STUDY.format(n=n))
+
+
+def test_a_study_cohort_gives_every_patient_each_view_with_the_same_findings():
+    from chexforge.contracts.jobs import laterality_column, severity_column
+    from chexforge.contracts.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
+
+    r = study_recipe(60)
+    t = plan(r)
+    assert r.cohorts[0].images == 120 and r.total == 127 and t.num_rows == 127
+    pairs = t.filter(pc.equal(t.column("cohort"), "pairs")).to_pandas()
+    assert len(pairs) == 120
+    assert pairs["index"].tolist() == list(range(120))  # the image's index: study × 2 + the view's place
+    assert pairs["view"].tolist() == ["PA", "LL"] * 60  # each study's views, in the order given
+    shared = ["sex", "age", "race", *FINDING_NAMES, *(laterality_column(f) for f in LATERAL_FINDINGS),
+              *(severity_column(f) for f in SEVERITY_FINDINGS), *PATIENT_COLUMNS]
+    first, second = pairs.iloc[0::2].reset_index(drop=True), pairs.iloc[1::2].reset_index(drop=True)
+    assert first[shared].fillna("-").equals(second[shared].fillna("-"))
+    assert (first["job_id"] != second["job_id"]).all() and (first["seed"] != second["seed"]).all()
+    assert pairs["job_id"].nunique() == 120 and pairs["seed"].nunique() == 120
+    assert first["patient_id"].nunique() == first["study_id"].nunique() == first["patient_seed"].nunique() == 60
+    assert pairs["patient_id"].str.fullmatch(r"P[0-9a-f]{16}").all()
+    assert pairs["study_id"].str.fullmatch(r"S[0-9a-f]{16}").all()
+    # The draws are per patient and real: findings with their sides and severities vary between studies.
+    assert first["Effusion"].between(0, 1).all() and 10 < first["Effusion"].sum() < 50
+    assert first["Effusion.laterality"].dropna().nunique() == 3 and first["sex"].nunique() == 2
+    assert (pairs["prompt"].str.startswith("PA ") == (pairs["view"] == "PA")).all()  # each image's prompt names its view
+
+
+def test_without_study_every_job_is_its_own_patient_and_study():
+    t = plan(recipe(500))
+    for name in PATIENT_COLUMNS:
+        assert t.column(name).null_count == 0
+        assert len(set(t.column(name).to_pylist())) == 500
+    assert all(p.startswith("P") and s.startswith("S") for p, s in
+               zip(t.column("patient_id").to_pylist(), t.column("study_id").to_pylist()))
+    single = plan(study_recipe(3)).to_pandas().query("cohort == 'single'")
+    assert single["patient_id"].nunique() == single["study_id"].nunique() == 7
+
+
+def test_the_patient_columns_leave_the_existing_columns_as_they_were():
+    """Adding patient_id, study_id and patient_seed changed no other column of an existing recipe's
+    jobs (the digest was taken before they existed): a resumed run keeps its job ids and pixels."""
+    import hashlib
+    import json
+
+    t = plan(recipe(300))
+    cols = [c for c in t.column_names if c not in PATIENT_COLUMNS]
+    blob = json.dumps(t.select(cols).to_pylist(), sort_keys=True, default=str).encode()
+    assert hashlib.sha256(blob).hexdigest() == "ddd13bcbbd8683b1ca14aeb3413a1871a552e733de7650bbd87c65b55ff7a01f"
+
+
+def test_study_plans_are_deterministic_chunk_in_whole_studies_and_grow_stably(tmp_path):
+    import pyarrow as pa
+
+    from chexforge.plan import iter_plan, plan_report
+
+    r = study_recipe(25)
+    whole = plan(r)
+    assert table_bytes(whole) == table_bytes(plan(study_recipe(25)))
+    chunks = list(iter_plan(r, chunk=5))
+    pairs = [c for c in chunks if c.column("cohort")[0].as_py() == "pairs"]
+    assert [c.num_rows for c in pairs] == [4] * 12 + [2]  # 2 studies (4 images) a chunk of at most 5 rows
+    assert all(c.column("view").to_pylist()[0] == "PA" for c in pairs)
+    assert pa.concat_tables(chunks).equals(whole.replace_schema_metadata(None))
+    plan_report(r, tmp_path / "jobs.parquet", chunk=3)  # one study a chunk, streamed to the file
+    write_jobs(whole, tmp_path / "whole.parquet")
+    assert (tmp_path / "jobs.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    bigger = plan(study_recipe(40))
+    assert bigger.slice(0, 50).equals(whole.slice(0, 50))  # raising the count adds studies, keeps these
+
+
+def test_a_jobs_table_planned_before_the_patient_columns_reads_with_them_null(tmp_path):
+    import pyarrow.parquet as pq
+
+    from chexforge.contracts.jobs import JOB_COLUMNS
+    from chexforge.errors import UserError
+    from chexforge.runtime.jobs import JobSource
+
+    t = plan(recipe(30))
+    old = tmp_path / "old.parquet"
+    pq.write_table(t.drop_columns(PATIENT_COLUMNS), old)
+    back, meta = read_jobs(old)
+    assert back.column_names == list(JOB_COLUMNS) and meta["name"] == "p"
+    assert all(back.column(c).null_count == 30 for c in PATIENT_COLUMNS)
+    assert back.drop_columns(PATIENT_COLUMNS).equals(t.drop_columns(PATIENT_COLUMNS))
+    rows = [row for chunk in JobSource.from_parquet(old).chunks() for row in chunk.to_pylist()]
+    assert len(rows) == 30 and rows[0]["patient_seed"] is None and rows[0]["job_id"] == t.column("job_id")[0].as_py()
+    bad = t.set_column(t.schema.get_field_index("study_id"), "study_id", pa_strings(["X" * 17] * 30))
+    write_jobs(bad, tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad.parquet: row 1: column 'study_id': expected S and 16 hex digits"):
+        read_jobs(tmp_path / "bad.parquet")
+
+
+def pa_strings(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())

@@ -95,6 +95,16 @@ BAD = [
      r"'No Finding' contradicts Effusion"),
     ("prompt field", GOOD.replace("    view:", "    prompt: '{age} {colour}'\n    view:"), r"unknown prompt field \{colour\}"),
     ("not a mapping", "- just\n- a list\n", r":1:1: expected a YAML mapping"),
+    ("view and study", GOOD.replace("    view: {PA: 3, AP: 1}\n", "    view: {PA: 3, AP: 1}\n    study: {views: [PA, LL]}\n"),
+     r":7:5: cohorts\[0\].study: give either view or study, not both"),
+    ("study view twice", GOOD.replace("    view: {PA: 3, AP: 1}\n", "    study: {views: [PA, LL, PA]}\n"),
+     r":6:\d+: cohorts\[0\].study.views: a study takes each view once; PA is given twice"),
+    ("unknown study view", GOOD.replace("    view: {PA: 3, AP: 1}\n", "    study: {views: [PA, lateral]}\n"),
+     r":6:\d+: cohorts\[0\].study.views: unknown view 'lateral'; expected one of PA, AP, LL"),
+    ("empty study", GOOD.replace("    view: {PA: 3, AP: 1}\n", "    study: {views: []}\n"),
+     r":6:\d+: cohorts\[0\].study.views: a study has 1 to 4 views, not 0"),
+    ("too many study images", GOOD.replace("count: 10", "count: 60000000").replace("    view: {PA: 3, AP: 1}\n", "    study: [PA, LL]\n"),
+     r":5:12: cohorts\[0\].count: 60000000 studies of 2 views are 120000000 images; a cohort makes at most 100000000"),
     ("children for an adult-CT backend", GOOD.replace("age: {mean: 60, sd: 10, min: 30, max: 90}", "age: [5, 40]"),
      r":9:\d+: cohorts\[0\].demographics.age: the drr backend makes patients aged 18-120 years; this cohort's ages reach 5"),
 ]
@@ -137,3 +147,43 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+# ---- studies: several images of one patient ----------------------------------------------------------
+
+STUDY = GOOD.replace("    view: {PA: 3, AP: 1}\n", "    study: {views: [PA, LL]}\n")
+
+
+def test_a_study_counts_patients_and_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path, STUDY))
+    c = r.cohorts[0]
+    assert c.view is None and c.study.views == ["PA", "LL"]
+    assert c.count == 10 and c.images == 20 and r.total == 20
+    assert c.view_mix == {"PA": 0.5, "LL": 0.5}
+    again = parse_recipe(recipe_to_yaml(r))  # the resolved recipe (a jobs table's) has no view: it loads
+    assert again.model_dump() == r.model_dump()
+    short = parse_recipe(STUDY.replace("study: {views: [PA, LL]}", "study: [PA, LL]"))
+    assert short.cohorts[0].study == c.study
+    plain = parse_recipe(GOOD.replace("    view: {PA: 3, AP: 1}\n", ""))
+    assert plain.cohorts[0].view == {"PA": 1.0} and plain.cohorts[0].study is None and plain.total == 10
+
+
+def test_a_study_view_the_backend_cannot_render_points_at_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    from chexforge.contracts import backends as registry
+
+    monkeypatch.setitem(registry.BACKENDS, "drr", dataclasses.replace(registry.BACKENDS["drr"], views=("PA", "AP")))
+    with pytest.raises(UserError) as info:
+        load_recipe(write(tmp_path, STUDY))
+    assert re.search(r":6:\d+: cohorts\[0\].study.views\[1\]: the drr backend renders views PA, AP, not 'LL'",
+                     info.value.line()), info.value.line()
+
+
+def test_view_and_study_together_is_one_line_and_exit_2(tmp_path):
+    path = write(tmp_path, GOOD.replace("    view: {PA: 3, AP: 1}\n", "    view: {PA: 3, AP: 1}\n    study: {views: [PA, LL]}\n"))
+    proc = subprocess.run([sys.executable, "-m", "chexforge.cli", "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert re.search(re.escape(str(path)) + r":7:5: cohorts\[0\].study: give either view or study, not both", lines[0]), lines[0]

@@ -324,3 +324,59 @@ def test_drr_backend_writes_every_requested_mask(tmp_path):
     run(plan(r), r, tmp_path / "out", RunOptions(progress=False))
     rows = requested_masks_written(tmp_path / "out", finding_masks=True)
     assert len(rows) == len(info.findings) - 1
+
+
+# ---- folders and job tables made before the patient columns (issue 12, item 2) -------------------------
+
+PATIENTS = ["patient_id", "study_id", "patient_seed"]
+SIMULATED = """
+name: old
+seed: 6
+backend: simulated
+output: {size: 64, formats: [png, dicom]}
+cohorts:
+  - name: a
+    count: 4
+"""
+
+
+def test_a_folder_made_before_the_patient_columns_resumes(tmp_path):
+    """An old folder's manifest lacks patient_id/study_id/patient_seed: the run still takes it as
+    the same plan (job ids did not change), skips its images and makes the rest; the old rows keep
+    null ids, the new ones have them."""
+    import pyarrow as pa
+
+    r = load_recipe(write(tmp_path, SIMULATED))
+    jobs = plan(r)
+    out = tmp_path / "out"
+    assert run(jobs, r, out, RunOptions(limit=2, progress=False)).generated == 2
+    old = pq.read_table(out / "manifest.parquet")
+    pq.write_table(old.drop_columns(PATIENTS).replace_schema_metadata(old.schema.metadata), out / "manifest.parquet")
+    again = run(jobs, r, out, RunOptions(progress=False))
+    assert (again.skipped, again.generated, again.failed) == (2, 2, 0)
+    table = pq.read_table(out / "manifest.parquet")
+    assert table.column("patient_id").to_pylist()[:2] == [None, None]
+    assert table.column("patient_id").to_pylist()[2:] == jobs.column("patient_id").to_pylist()[2:]
+    assert pa.types.is_int64(table.schema.field("patient_seed").type)
+    check_output(out, 4)
+
+
+def test_a_jobs_file_planned_before_the_patient_columns_runs(tmp_path):
+    """`generate --jobs` of a table without the patient columns: each job is its own patient (the
+    DICOM PatientID is its job id, as before), and a backend that reads patient_seed gets None."""
+    import pydicom
+
+    r = load_recipe(write(tmp_path, SIMULATED))
+    jobs = plan(r)
+    path = tmp_path / "jobs.parquet"
+    pq.write_table(jobs.drop_columns(PATIENTS).replace_schema_metadata(jobs.schema.metadata), path)
+    out = tmp_path / "out"
+    proc = cli("generate", "--jobs", str(path), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    check_output(out, 4)
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert all(row[c] is None for row in rows for c in PATIENTS)
+    assert [pydicom.dcmread(out / row["image_dicom"]).PatientID for row in rows] == [row["job_id"] for row in rows]
+    # The same folder then resumed from the recipe (planned with the columns) is the same plan.
+    proc = cli("generate", str(tmp_path / "recipe.yaml"), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0 and "different plan" not in proc.stderr, proc.stderr

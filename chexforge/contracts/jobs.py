@@ -45,6 +45,10 @@ def job_schema() -> pa.Schema:
         pa.field("cohort", pa.string(), nullable=False),
         pa.field("index", pa.int64(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
+        # Who and which study (null only in a table planned before these columns: see PATIENT_COLUMNS).
+        pa.field("patient_id", pa.string()),
+        pa.field("study_id", pa.string()),
+        pa.field("patient_seed", pa.int64()),
         pa.field("view", pa.string()),
         pa.field("sex", pa.string()),
         pa.field("age", pa.int16()),
@@ -65,6 +69,11 @@ def job_schema() -> pa.Schema:
 
 
 JOB_COLUMNS = tuple(job_schema().names)
+# Columns added after the first release. A jobs table (or manifest) written before them reads with
+# them null: each of its jobs is then its own patient and study, and a backend draws the patient
+# from `seed` where `patient_seed` is null.
+PATIENT_COLUMNS = ("patient_id", "study_id", "patient_seed")
+OPTIONAL_JOB_COLUMNS = frozenset(PATIENT_COLUMNS)
 
 
 # ---- job ids: encode, decode, shard -----------------------------------------------------------
@@ -72,12 +81,28 @@ JOB_COLUMNS = tuple(job_schema().names)
 _HEX = np.array([f"{i:02x}" for i in range(256)], dtype="S2")
 
 
-def encode_job_ids(values: np.ndarray) -> pa.Array:
-    """uint64 → 16-character lowercase hex strings (big-endian), built straight into Arrow buffers."""
+def encode_job_ids(values: np.ndarray, prefix: str = "") -> pa.Array:
+    """uint64 → 16-character lowercase hex strings (big-endian), built straight into Arrow buffers;
+    `prefix` (one ASCII letter or none) goes before each: "P" for patient ids, "S" for study ids."""
     raw = values.astype(">u8").view(np.uint8).reshape(-1, 8)
-    chars = np.ascontiguousarray(_HEX[raw]).view(np.uint8).ravel()
-    offsets = np.arange(len(values) + 1, dtype=np.int32) * 16
-    return pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+    chars = np.ascontiguousarray(_HEX[raw]).view(np.uint8).reshape(-1, 16)
+    width = 16 + len(prefix)
+    if prefix:
+        head = np.frombuffer(prefix.encode("ascii"), dtype=np.uint8)
+        chars = np.concatenate([np.broadcast_to(head, (len(values), len(head))), chars], axis=1)
+    offsets = np.arange(len(values) + 1, dtype=np.int32) * width
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(chars).ravel())])
+
+
+def encode_patient_ids(values: np.ndarray) -> pa.Array:
+    """uint64 → "P" + 16 hex digits."""
+    return encode_job_ids(values, "P")
+
+
+def encode_study_ids(values: np.ndarray) -> pa.Array:
+    """uint64 → "S" + 16 hex digits."""
+    return encode_job_ids(values, "S")
 
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -139,6 +164,7 @@ def read_jobs(path: str | Path, header_only: bool = False):
     edited by hand or damaged is one located line before a run writes anything: the columns and
     their types, the recipe JSON under the limits of contracts/limits.py, and each value (ids of
     16 hex digits, integer seeds, known views, sexes, ages, findings, sizes, cohorts of the recipe).
+    A table planned before the patient columns (PATIENT_COLUMNS) reads with them null.
     """
     path = Path(path)
     if not path.exists():
@@ -150,11 +176,13 @@ def read_jobs(path: str | Path, header_only: bool = False):
         schema = parquet.schema_arrow
     except (pa.ArrowException, OSError, ValueError, TypeError, MemoryError) as e:
         raise UserError(f"not a readable Parquet file ({_first_line(e)})", path) from None
-    missing = [c for c in JOB_COLUMNS if c not in schema.names]
+    missing = [c for c in JOB_COLUMNS if c not in schema.names and c not in OPTIONAL_JOB_COLUMNS]
     if missing:
         raise UserError(f"not a chexforge jobs table: missing columns {', '.join(missing[:5])}", path)
     expected = job_schema()
     for name in JOB_COLUMNS:
+        if name not in schema.names:
+            continue  # a column the table predates (OPTIONAL_JOB_COLUMNS): read as nulls
         field, want = schema.field(name), expected.field(name)
         if not _compatible(field.type, want.type, name in NULLABLE):
             raise UserError(f"column {name!r}: expected {_kind_text(want.type)}, not {field.type}", path)
@@ -168,7 +196,7 @@ def read_jobs(path: str | Path, header_only: bool = False):
     batches = []
     row = 0
     try:
-        for batch in parquet.iter_batches(batch_size=65536, columns=list(JOB_COLUMNS)):
+        for batch in job_batches(parquet, 65536):
             check_job_rows(batch, path, row, cohorts)
             row += batch.num_rows
             if not header_only:
@@ -186,7 +214,7 @@ def read_jobs(path: str | Path, header_only: bool = False):
 
 # ---- checking job tables from disk ---------------------------------------------------------------
 
-NULLABLE = frozenset(["race", *(laterality_column(f) for f in LATERAL_FINDINGS),
+NULLABLE = frozenset(["race", *PATIENT_COLUMNS, *(laterality_column(f) for f in LATERAL_FINDINGS),
                       *(severity_column(f) for f in SEVERITY_FINDINGS)])
 LAYOUTS = ("physics", "explicit", "prior", "none")
 
@@ -196,7 +224,24 @@ def _first_line(e: BaseException) -> str:
 
 
 def _read_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([schema.field(c) for c in JOB_COLUMNS], metadata=schema.metadata)
+    """The job columns as the file types them (a column it predates: the job schema's type)."""
+    expected = job_schema()
+    return pa.schema([schema.field(c) if c in schema.names else expected.field(c) for c in JOB_COLUMNS],
+                     metadata=schema.metadata)
+
+
+def job_batches(parquet: pq.ParquetFile, batch_size: int):
+    """The job columns of a jobs file (or manifest), a record batch at a time; a column the file
+    predates (OPTIONAL_JOB_COLUMNS) comes as nulls, so every batch has every job column."""
+    schema = _read_schema(parquet.schema_arrow)
+    present = [c for c in JOB_COLUMNS if c in parquet.schema_arrow.names]
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+        if len(present) == len(JOB_COLUMNS):
+            yield batch.select(list(JOB_COLUMNS))
+            continue
+        arrays = [batch.column(c) if c in present else pa.nulls(batch.num_rows, schema.field(c).type)
+                  for c in JOB_COLUMNS]
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema.remove_metadata())
 
 
 def _kind(t: pa.DataType):
@@ -246,6 +291,8 @@ def _cohort_names(recipe: dict) -> set[str] | None:
 
 
 _JOB_ID = r"^[0-9a-fA-F]{16}$"
+_PATIENT_ID = r"^P[0-9a-fA-F]{16}$"
+_STUDY_ID = r"^S[0-9a-fA-F]{16}$"
 
 
 def check_job_rows(batch: pa.RecordBatch | pa.Table, path: str | Path, offset: int = 0,
@@ -285,6 +332,13 @@ def check_job_rows(batch: pa.RecordBatch | pa.Table, path: str | Path, offset: i
          "a cohort of the table's recipe" if cohorts else "a cohort name")
     fail(out_of_range("index", 0, 2**63 - 1), "index", "an integer >= 0")
     fail(out_of_range("seed", 0, 2**63 - 1), "seed", "an integer from 0 to 2**63-1")
+    for name, pattern, what in (("patient_id", _PATIENT_ID, "P and 16 hex digits"),
+                                ("study_id", _STUDY_ID, "S and 16 hex digits")):
+        if not pa.types.is_null(col(name).type):  # an all-null column: a table planned before it
+            fail(pc.fill_null(pc.invert(pc.match_substring_regex(col(name), pattern)), False), name, what + " or empty")
+    if not pa.types.is_null(col("patient_seed").type):
+        fail(pc.fill_null(out_of_range("patient_seed", 0, 2**63 - 1), False), "patient_seed",
+             "an integer from 0 to 2**63-1 or empty")
     fail(outside("view", VIEWS), "view", f"one of {', '.join(VIEWS)}")
     fail(outside("sex", SEXES), "sex", f"one of {', '.join(SEXES)}")
     fail(out_of_range("age", 0, 120), "age", "an age from 0 to 120")

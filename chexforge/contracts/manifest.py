@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .jobs import BOXES, job_schema
+from .jobs import BOXES, OPTIONAL_JOB_COLUMNS, job_schema
 
 MANIFEST = "manifest.parquet"
 PARTS = ".parts"
@@ -18,7 +18,9 @@ FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.st
 STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
 # Columns added after the first release: a manifest written before them reads with them null.
 SIZE_COLUMNS = ["bytes_png", "bytes_dicom", "bytes_masks"]
-OPTIONAL_COLUMNS = frozenset(SIZE_COLUMNS)
+# The job's patient columns (patient_id, study_id, patient_seed) likewise: images made before them
+# keep null ids.
+OPTIONAL_COLUMNS = frozenset(SIZE_COLUMNS) | OPTIONAL_JOB_COLUMNS
 # What a resumed run reads to decide which jobs are done (files present at their recorded size).
 CHECK_COLUMNS = [*STATUS_COLUMNS, "masks", *SIZE_COLUMNS]
 

@@ -350,7 +350,7 @@ def _requested_vs_realised(c: CohortPage) -> tuple[str, dict[str, bytes]]:
 
 
 def _cohort_section(c: CohortPage, tile_px: int, store: Store) -> tuple[str, dict[str, bytes]]:
-    requested = f", {c.spec.count} requested" if c.spec is not None else ""
+    requested = f", {c.spec.images} requested" if c.spec is not None else ""  # images: a study's views each
     tiles, files = _tiles(c, tile_px, store)
     comp, chart = _requested_vs_realised(c)
     return (f'<section id="cohort-{c.index}"><h2>Cohort {esc(c.name)}</h2>'
@@ -382,7 +382,7 @@ def _metrics(d: ReportData) -> tuple[str, dict[str, bytes]]:
 
 def _header(d: ReportData) -> list[str]:
     r = d.recipe
-    per = [[_td(c.name), _num(c.tally.n), _num(c.tally.failed), _num(c.spec.count if c.spec is not None else None)]
+    per = [[_td(c.name), _num(c.tally.n), _num(c.tally.failed), _num(c.spec.images if c.spec is not None else None)]
            for c in d.cohorts]
     per.append(["<th scope=row>total</th>", _num(d.n_ok), _num(d.n_failed), _num(r.total if r is not None else None)])
     recipe_line = (f"recipe <code>{esc(d.name)}</code>, seed {esc(r.seed)}, backend <code>{esc(r.backend)}</code>, "

@@ -58,7 +58,7 @@ def requested(cohort: Cohort) -> dict[str, dict[str, float] | None]:
     """Fractions the recipe asks for, per panel; `findings` is None for `findings: natural`."""
     out: dict[str, dict[str, float] | None] = {
         "sex": {s: float(cohort.demographics.sex.get(s, 0.0)) for s in SEXES},
-        "view": {v: float(cohort.view.get(v, 0.0)) for v in VIEWS},
+        "view": {v: float(cohort.view_mix.get(v, 0.0)) for v in VIEWS},  # a study cohort: its views alike
         "age": requested_age_pmf(cohort.demographics.age),
     }
     if cohort.findings == "natural":

@@ -2,12 +2,18 @@
 
 Every file says it is synthetic: ImageType DERIVED\\SECONDARY, PatientIdentityRemoved YES, a
 DeidentificationMethod and a DerivationDescription naming chexforge. UIDs are derived from the
-job id (pydicom's 2.25 hash UIDs), so re-running a job writes the same file byte for byte.
-No dates or times are written: the study never happened.
+job's ids (pydicom's 2.25 hash UIDs), so re-running a job writes the same file byte for byte:
+PatientID is the job's patient_id; the study (StudyInstanceUID, StudyID, AccessionNumber, and a
+synthetic but fixed StudyDate/StudyTime) comes from its study_id, so the images of one study
+share them; each view is a series of its own (SeriesInstanceUID from study and view,
+SeriesNumber the view's place in the study). A job planned before those columns (null ids) is
+its own patient and study, named by its job id.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import io
 from typing import Any
 
@@ -39,14 +45,33 @@ def _age(years: Any) -> str:
     return f"{int(years):03d}Y" if years is not None else ""
 
 
+FIRST_DAY = datetime.date(2000, 1, 1)
+DAYS = 20 * 365  # synthetic study dates fall in 2000-2019
+
+
+def study_datetime(study: str) -> datetime.datetime:
+    """A made-up but fixed date and time for a study (a day in 2000-2019, between 08:00 and
+    17:59:59), from its id: every image of the study gets the same."""
+    h = int.from_bytes(hashlib.blake2b(f"chexforge-date\x1f{study}".encode(), digest_size=8).digest(), "little")
+    day = FIRST_DAY + datetime.timedelta(days=h % DAYS)
+    second = 8 * 3600 + (h // DAYS) % (10 * 3600)
+    return datetime.datetime.combine(day, datetime.time()) + datetime.timedelta(seconds=second)
+
+
 def dx_bytes(image: np.ndarray, job: dict[str, Any], pixel_mm: float | None = None,
-             identity: dict[str, Any] | None = None) -> bytes:
-    """Encode a displayed image (float [0, 1], MONOCHROME2) as a DX For Presentation file."""
+             identity: dict[str, Any] | None = None, series: int = 1) -> bytes:
+    """Encode a displayed image (float [0, 1], MONOCHROME2) as a DX For Presentation file.
+    `series`: the view's place in its study (1-based), its SeriesNumber."""
     job_id = str(job["job_id"])
     uid = lambda part: generate_uid(entropy_srcs=["chexforge", job_id, part])  # noqa: E731
     pixels = np.round(np.clip(image, 0, 1) * (2**BITS_STORED - 1)).astype(np.uint16)
     view = str(job.get("view") or "PA")
     identity = identity or {}
+    study = job.get("study_id")  # null in a table planned before studies: the job is its own study
+    study_uid = lambda part: generate_uid(entropy_srcs=["chexforge", str(study), part])  # noqa: E731
+    when = study_datetime(str(study or job_id))
+    taken = when + datetime.timedelta(minutes=max(series, 1) - 1)  # the study's views a minute apart
+    study_hex = str(study)[1:17] if study else job_id[:16]
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
@@ -62,7 +87,7 @@ def dx_bytes(image: np.ndarray, job: dict[str, Any], pixel_mm: float | None = No
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     # Patient, Patient Study
     ds.PatientName = f"SYNTHETIC^{job.get('cohort', '')}"[:64]
-    ds.PatientID = job_id
+    ds.PatientID = str(job.get("patient_id") or job_id)
     ds.PatientBirthDate = ""
     ds.PatientSex = {"F": "F", "M": "M"}.get(str(job.get("sex")), "O")
     ds.PatientAge = _age(job.get("age"))
@@ -71,18 +96,20 @@ def dx_bytes(image: np.ndarray, job: dict[str, Any], pixel_mm: float | None = No
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = SYNTHETIC[:64]
     # General Study
-    ds.StudyInstanceUID = uid("study")
-    ds.StudyDate = ""
-    ds.StudyTime = ""
+    ds.StudyInstanceUID = study_uid("study") if study else uid("study")
+    ds.StudyDate = when.strftime("%Y%m%d")
+    ds.StudyTime = when.strftime("%H%M%S")
     ds.ReferringPhysicianName = ""
-    ds.StudyID = job_id[:16]
-    ds.AccessionNumber = ""
-    ds.StudyDescription = "Synthetic chest radiograph"
-    # General Series, DX Series
+    ds.StudyID = study_hex
+    ds.AccessionNumber = "A" + study_hex[:15]
+    ds.StudyDescription = str(job.get("cohort") or "Synthetic chest radiograph")[:64]
+    # General Series, DX Series: one series per view of the study
     ds.Modality = "DX"
-    ds.SeriesInstanceUID = uid("series")
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = f"chexforge {job.get('cohort', '')}"[:64]
+    ds.SeriesInstanceUID = study_uid(f"series:{view}") if study else uid("series")
+    ds.SeriesNumber = max(series, 1)
+    ds.SeriesDescription = view
+    ds.SeriesDate = taken.strftime("%Y%m%d")
+    ds.SeriesTime = taken.strftime("%H%M%S")
     ds.PresentationIntentType = "FOR PRESENTATION"
     # General Equipment
     ds.Manufacturer = "chexforge"
@@ -90,6 +117,8 @@ def dx_bytes(image: np.ndarray, job: dict[str, Any], pixel_mm: float | None = No
     ds.SoftwareVersions = __version__
     # General Image, DX Image
     ds.InstanceNumber = 1
+    ds.ContentDate = taken.strftime("%Y%m%d")
+    ds.ContentTime = taken.strftime("%H%M%S")
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = f"{SYNTHETIC}; backend {identity.get('backend', '?')} {identity.get('model', '')}"[:1024]
     ds.ImageComments = str(job.get("prompt") or "")[:10240]

@@ -32,7 +32,9 @@ def paths(job: dict[str, Any]) -> dict[str, str]:
 
 
 def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: list[str], write_masks: bool,
-                  identity: dict[str, Any], seconds_generate: float, attempts: int = 1) -> dict[str, Any]:
+                  identity: dict[str, Any], seconds_generate: float, attempts: int = 1, series: int = 1) -> dict[str, Any]:
+    """`series`: the job's view's place in its study (1-based; 1 outside study cohorts), the DICOM
+    SeriesNumber."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {**job, "backend": identity.get("backend"), "backend_version": identity.get("backend_version"),
                            "model": identity.get("model"), "model_hash": identity.get("model_hash"),
@@ -48,7 +50,7 @@ def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: li
         row["sha256_png"] = store.write_bytes(where["png"], data)
     if "dicom" in formats:
         pixel_mm = sample.projection.pixel_spacing_mm if sample.projection is not None else None
-        data = dx_bytes(sample.image, job, pixel_mm, identity)
+        data = dx_bytes(sample.image, job, pixel_mm, identity, series)
         row["image_dicom"], row["bytes_dicom"] = where["dicom"], len(data)
         row["sha256_dicom"] = store.write_bytes(where["dicom"], data)
     masks, sizes = [], []

@@ -332,7 +332,8 @@ def read_manifest_labels(path: Path) -> pd.DataFrame:
         names = set(pq.read_schema(path).names)
         if "job_id" not in names or "sex" not in names:
             raise UserError("not a chexforge manifest or jobs table (no job_id/sex columns)", path)
-        wanted = [c for c in ("job_id", "status", "sex", "age", "race", "view", *FINDING_NAMES) if c in names]
+        wanted = [c for c in ("job_id", "patient_id", "status", "sex", "age", "race", "view", *FINDING_NAMES)
+                  if c in names]
         df = pq.read_table(path, columns=wanted).to_pandas()
     except UserError:
         raise
@@ -345,7 +346,9 @@ def read_manifest_labels(path: Path) -> pd.DataFrame:
     if "status" in df:
         df = df[df["status"].astype(str) == "ok"].reset_index(drop=True)
     text = lambda col: df[col].map(lambda v: v if isinstance(v, str) else None)  # noqa: E731
-    out = pd.DataFrame({"image": df["job_id"].astype(str), "patient": df["job_id"].astype(str),
+    # The patient: patient_id (a study's images share it), or the job itself in a table without it
+    patient = text("patient_id").fillna(df["job_id"].astype(str)) if "patient_id" in df else df["job_id"].astype(str)
+    out = pd.DataFrame({"image": df["job_id"].astype(str), "patient": patient,
                         "sex": text("sex").where(text("sex").isin(["F", "M"])),
                         "age": _numbers(df, "age", path, lo=0, hi=120),
                         "race": text("race") if "race" in df else pd.NA,

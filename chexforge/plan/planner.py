@@ -3,7 +3,9 @@
 Every draw for job i of a cohort comes from a counter-based generator keyed by what decides
 the job's pixels (recipe seed, backend and options, image size, the cohort's spec but not its
 count) and by i. So the same recipe gives the same table byte for byte, and raising a count
-keeps the existing jobs.
+keeps the existing jobs. In a study cohort (`study: {views: [...]}`) what `count` counts is a
+study: the patient and findings are drawn once per study index and repeated to each view's job
+(plan_cohort).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from ..contracts.backends import backend_info
 from ..contracts.jobs import (
     decode_job_ids,
     encode_job_ids,
+    encode_patient_ids,
+    encode_study_ids,
     job_schema,
     laterality_column,
     severity_column,
@@ -56,7 +60,7 @@ def plan(recipe: Recipe) -> pa.Table:
     schema = job_schema()
     tables = list(iter_plan(recipe, chunk=None))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
-    raw = np.concatenate([rng.bits(cohort_key(recipe, c), np.arange(c.count, dtype=np.uint64), "id")
+    raw = np.concatenate([rng.bits(cohort_key(recipe, c), np.arange(c.images, dtype=np.uint64), "id")
                           for c in recipe.cohorts])
     raw.sort()
     _check_unique(raw)
@@ -180,45 +184,72 @@ class _RowGroups:
 
 
 def iter_plan(recipe: Recipe, chunk: int | None = CHUNK):
-    """The same jobs as `plan`, as tables of at most `chunk` rows (memory bounded by the chunk)."""
+    """The same jobs as `plan`, as tables of at most `chunk` rows (memory bounded by the chunk);
+    a study cohort is cut between studies, never inside one."""
     for cohort in recipe.cohorts:
-        step = chunk or max(cohort.count, 1)
+        per = cohort.views_per_study
+        step = max(chunk // per, 1) if chunk else max(cohort.count, 1)
         for start in range(0, cohort.count, step):
             yield plan_cohort(recipe, cohort, start, min(cohort.count, start + step))
 
 
 def plan_cohort(recipe: Recipe, cohort: Cohort, start: int = 0, stop: int | None = None) -> pa.Table:
-    """Jobs `start`..`stop` of a cohort (every draw depends only on the job's index)."""
+    """The jobs of a cohort's items `start`..`stop`, where an item is what `count` counts: a job,
+    or in a study cohort a study (one patient), which gives one job per view of study.views, in
+    that order. Every draw depends only on the item's index: the patient (sex, age, race), the
+    findings with their laterality and severity, the layout and the patient columns are drawn
+    once per item and repeated to each of its images; job_id and seed per image, from its index
+    in the cohort (study × views + the view's position)."""
     stop = cohort.count if stop is None else stop
-    n = stop - start
+    per = cohort.views_per_study
+    m = stop - start  # items (patients)
+    n = m * per  # images (jobs)
     key = cohort_key(recipe, cohort)
-    index = np.arange(start, stop, dtype=np.uint64)
+    item = np.arange(start, stop, dtype=np.uint64)
+    index = np.arange(start * per, stop * per, dtype=np.uint64)
     demo = cohort.demographics
-    u = rng.Streams(key, n, sampling.stream_names(cohort), start)
+    u = rng.Streams(key, m, sampling.stream_names(cohort), start)
+
+    if cohort.study is not None:  # the study's views in order, the same for every study
+        views = list(cohort.study.views)
+        view = pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(per, dtype=np.int32), m)),
+                                              pa.array(views, pa.string())).cast(pa.string())
+        first_view = pa.repeat(pa.scalar(views[0]), m)  # natural findings are drawn for the study's first view
+    else:
+        view = first_view = sampling.categorical(cohort.view or {"PA": 1.0}, u("view"))
+    drawn: dict[str, pa.Array] = {  # one value per item
+        "patient_id": encode_patient_ids(rng.bits(key, item, "patient")),
+        "study_id": encode_study_ids(rng.bits(key, item, "study")),
+        "patient_seed": pa.array((rng.bits(key, item, "patient_seed") >> np.uint64(1)).astype(np.int64)),
+        "sex": sampling.categorical(demo.sex, u("sex")),
+        "age": pa.array(sampling.ages(demo.age, u("age"), u("age2"))),
+        "race": (sampling.categorical(demo.race, u("race"))
+                 if demo.race else pa.nulls(m, pa.string())),
+    }
+    demo_arrays = (drawn["sex"].to_numpy(zero_copy_only=False), drawn["age"].to_numpy(zero_copy_only=False),
+                   first_view.to_numpy(zero_copy_only=False))
+    finding_cols = sampling.findings(cohort, u, m, demo_arrays, backend_info(recipe.backend).findings)
+    for name in FINDING_NAMES:
+        drawn[name] = pa.array(finding_cols[name])
+    for name in LATERAL_FINDINGS:
+        drawn[laterality_column(name)] = finding_cols[laterality_column(name)]
+    for name in SEVERITY_FINDINGS:
+        drawn[severity_column(name)] = finding_cols[severity_column(name)]
+    boxes, refs = layout.choose(recipe, cohort, key, item, drawn)
+    drawn = _mark_layout_findings(drawn, boxes)
+    drawn["boxes"], drawn["mask_ref"] = boxes, refs
+    if per > 1:  # each item's values on each of its images
+        of_item = pa.array(np.repeat(np.arange(m, dtype=np.int64), per))
+        drawn = {name: column.take(of_item) for name, column in drawn.items()}
 
     cols: dict[str, pa.Array] = {
         "job_id": encode_job_ids(rng.bits(key, index, "id")),
         "cohort": pa.repeat(pa.scalar(cohort.name), n),
         "index": pa.array(index.astype(np.int64)),
         "seed": pa.array((rng.bits(key, index, "seed") >> np.uint64(1)).astype(np.int64)),
-        "view": sampling.categorical(cohort.view, u("view")),
-        "sex": sampling.categorical(demo.sex, u("sex")),
-        "age": pa.array(sampling.ages(demo.age, u("age"), u("age2"))),
-        "race": (sampling.categorical(demo.race, u("race"))
-                 if demo.race else pa.nulls(n, pa.string())),
+        "view": view,
+        **drawn,
     }
-    demo_arrays = (cols["sex"].to_numpy(zero_copy_only=False), cols["age"].to_numpy(zero_copy_only=False),
-                   cols["view"].to_numpy(zero_copy_only=False))
-    finding_cols = sampling.findings(cohort, u, n, demo_arrays, backend_info(recipe.backend).findings)
-    for name in FINDING_NAMES:
-        cols[name] = pa.array(finding_cols[name])
-    for name in LATERAL_FINDINGS:
-        cols[laterality_column(name)] = finding_cols[laterality_column(name)]
-    for name in SEVERITY_FINDINGS:
-        cols[severity_column(name)] = finding_cols[severity_column(name)]
-
-    boxes, refs = layout.choose(recipe, cohort, key, index, cols)
-    cols = _mark_layout_findings(cols, boxes)
     fields = {
         "view": cols["view"], "age": cols["age"], "sex": cols["sex"], "race": cols["race"],
         "sex_word": prompts.sex_words(cols["sex"], cols["age"]),
@@ -226,8 +257,6 @@ def plan_cohort(recipe: Recipe, cohort: Cohort, start: int = 0, stop: int | None
     }
     cols["prompt"] = prompts.render(cohort.prompt, fields, n)
     cols["layout"] = pa.repeat(pa.scalar(layout_source(recipe, cohort)), n)
-    cols["boxes"] = boxes
-    cols["mask_ref"] = refs
     anatomy = cohort.masks if cohort.masks is not None else list(backend_info(recipe.backend).default_anatomy)
     cols["anatomy"] = _repeat_list(anatomy, n)
     cols["size"] = pa.repeat(pa.scalar(recipe.output.size, pa.int16()), n)

@@ -270,10 +270,47 @@ class QC(Strict):
     rules: list[QCRule] = Field(default_factory=list)
 
 
+MAX_STUDY_VIEWS = 4
+MAX_COHORT_IMAGES = 100_000_000  # images (jobs) of one cohort, a study cohort's views included
+
+
+class Study(Strict):
+    """Several images of one patient: one image per view, in this order, each with the same
+    demographics and findings (docs/recipes.md, "Studies")."""
+
+    views: list[str] = Field(min_length=1, max_length=MAX_STUDY_VIEWS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"views": data} if isinstance(data, (list, str)) else data
+
+    @field_validator("views", mode="before")
+    @classmethod
+    def _views(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list):
+            return v  # pydantic says what was expected
+        if not 1 <= len(v) <= MAX_STUDY_VIEWS:
+            raise ValueError(f"a study has 1 to {MAX_STUDY_VIEWS} views, not {len(v)}")
+        for view in v:
+            if view not in VIEWS:
+                raise ValueError(f"unknown view {view!r}; expected one of {', '.join(VIEWS)}")
+        twice = [view for view in dict.fromkeys(v) if v.count(view) > 1]
+        if twice:
+            raise ValueError(f"a study takes each view once; {', '.join(twice)} "
+                             f"{'is' if len(twice) == 1 else 'are'} given twice")
+        return v
+
+
 class Cohort(Strict):
     name: str
-    count: int = Field(ge=0, le=100_000_000)
-    view: dict[str, float] = Field(default_factory=lambda: {"PA": 1.0})
+    count: int = Field(ge=0, le=MAX_COHORT_IMAGES)  # images; with `study`, studies (patients)
+    # The views' mix. Unset: PA, except in a study cohort, whose views are study.views (the two are
+    # exclusive: semantic_problems).
+    view: dict[str, float] | None = None
+    study: Study | None = None
     demographics: Demographics = Field(default_factory=Demographics)
     # A mapping of findings, or "natural": drawn jointly from real co-occurrence given the
     # job's sex, age and view (the priors), restricted to what the backend renders.
@@ -290,8 +327,33 @@ class Cohort(Strict):
 
     @field_validator("view", mode="before")
     @classmethod
-    def _view(cls, v: Any) -> dict[str, float]:
-        return as_distribution(v, VIEWS, "view")
+    def _view(cls, v: Any) -> dict[str, float] | None:
+        return None if v is None else as_distribution(v, VIEWS, "view")
+
+    @model_validator(mode="after")
+    def _default_view(self) -> Cohort:
+        if self.view is None and self.study is None:
+            if "view" in self.model_fields_set:  # `view: null` written out
+                raise ValueError("view: expected a view, a list of them, or a mapping of view to weights")
+            self.view = {"PA": 1.0}
+        return self
+
+    @property
+    def views_per_study(self) -> int:
+        """Images per patient: the study's views, or 1."""
+        return len(self.study.views) if self.study is not None else 1
+
+    @property
+    def images(self) -> int:
+        """The images (jobs) the cohort asks for: count × views for a study cohort."""
+        return self.count * self.views_per_study
+
+    @property
+    def view_mix(self) -> dict[str, float]:
+        """The fraction of the cohort's images in each view."""
+        if self.study is not None:
+            return {v: 1.0 / len(self.study.views) for v in self.study.views}
+        return dict(self.view or {})
 
     @field_validator("findings", mode="before")
     @classmethod
@@ -377,7 +439,8 @@ class Recipe(Strict):
 
     @property
     def total(self) -> int:
-        return sum(c.count for c in self.cohorts)
+        """The images (jobs) of the recipe: a study cohort gives count × its views."""
+        return sum(c.images for c in self.cohorts)
 
 
 # ---- checks that need more than one field: each returns (location, message) pairs -------------
@@ -422,7 +485,18 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("cohorts", i, "demographics", "age"),
                              f"the {recipe.backend} backend makes patients aged {info.ages[0]}-{info.ages[1]} "
                              f"years; this cohort's ages reach {lo if lo < info.ages[0] else hi}"))
-        for view in cohort.view:
+        if cohort.study is not None and cohort.view is not None:
+            problems.append((("cohorts", i, "study", "[key]"),
+                             "give either view or study, not both: a study's images have the views of study.views"))
+        if cohort.images > MAX_COHORT_IMAGES:
+            problems.append((("cohorts", i, "count"), f"{cohort.count} studies of {cohort.views_per_study} views are "
+                             f"{cohort.images} images; a cohort makes at most {MAX_COHORT_IMAGES}"))
+        if cohort.study is not None:
+            for j, view in enumerate(cohort.study.views):
+                if view not in info.views:
+                    problems.append((("cohorts", i, "study", "views", j),
+                                     f"the {recipe.backend} backend renders views {', '.join(info.views)}, not {view!r}"))
+        for view in cohort.view or ():
             if view not in info.views:
                 problems.append((("cohorts", i, "view"),
                                  f"the {recipe.backend} backend renders views {', '.join(info.views)}, not {view!r}"))

@@ -66,6 +66,8 @@ class BatchRunner:
             options["device"] = device
         self.backend = load_backend(recipe.backend, options, model=recipe.resolve_path(recipe.model) if recipe.model else None)
         self.identity = self.backend.identity()
+        # cohort → view → its place in the cohort's studies (1-based): the DICOM SeriesNumber
+        self.series = {c.name: {v: k + 1 for k, v in enumerate(c.study.views)} for c in recipe.cohorts if c.study}
         self.qc = QCRunner(recipe, device or options.get("device"))
         self.pool = ThreadPoolExecutor(max_workers=max(1, export_threads))
 
@@ -139,7 +141,8 @@ class BatchRunner:
         per_image = seconds / max(1, len(rows))
         # attempts: generations of the job, counting worker-crash retries and QC regenerations
         records = [export_sample(self.store, row, s, fmt, masks, self.identity, per_image,
-                                 attempt - 1 + int((s.meta.get("qc") or {}).get("attempts", 1)))
+                                 attempt - 1 + int((s.meta.get("qc") or {}).get("attempts", 1)),
+                                 self.series.get(str(row["cohort"]), {}).get(str(row.get("view")), 1))
                    for row, s in zip(rows, samples)]
         mf.write_part(self.store, records, part)
         failed = [f"{r['job_id']}: {r['error']}" for r in records if r["status"] != "ok"]

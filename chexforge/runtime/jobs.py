@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..contracts.jobs import JOB_COLUMNS, decode_job_ids, shard_mask
+from ..contracts.jobs import decode_job_ids, job_batches, shard_mask
 from ..plan import iter_plan
 from ..recipe.schema import Recipe
 
@@ -39,7 +39,8 @@ class JobSource:
     @classmethod
     def from_parquet(cls, path: str | Path) -> JobSource:
         total = pq.ParquetFile(path).metadata.num_rows
-        return cls(lambda: pq.ParquetFile(path).iter_batches(batch_size=CHUNK, columns=list(JOB_COLUMNS)), total)
+        # job_batches: a table planned before the patient columns reads with them null
+        return cls(lambda: job_batches(pq.ParquetFile(path), CHUNK), total)
 
     def chunks(self, shard: Shard | None = None) -> Iterator[pa.Table]:
         for chunk in self._chunks():

@@ -96,5 +96,9 @@ bench: install  ## run the benchmarks (prints ratios against baselines measured 
 	$(BIN)/python bench/diffusion_bench.py --config tiny
 	$(BIN)/python bench/diffusion_bench.py --config xl   # GPU only; says so on a CPU
 
+.PHONY: bench-patients
+bench-patients: install  ## are rendered patients different people? sex/age from pixels, lung-shape diversity, CTR by sex and age (minutes)
+	$(BIN)/python bench/virtual_patients.py $(ARGS)
+
 clean:  ## remove generated outputs (keeps .venv)
 	rm -rf out .pytest_cache

@@ -106,6 +106,13 @@ def resample(mask: np.ndarray, grid: int) -> np.ndarray:
 
 def xrv_shapes(grid: int) -> tuple[list[dict], dict]:
     """Shape statistics of the frontal v7labs lung masks, each split into its two lungs."""
+    pairs, skipped = xrv_frontal_masks(grid)
+    return [realism.shape_stats(left, right, aspect) for left, right, aspect in pairs], skipped
+
+
+def xrv_frontal_masks(grid: int) -> tuple[list[tuple[np.ndarray, np.ndarray, float]], dict]:
+    """The frontal v7labs lung masks on a `grid`² grid as (left, right, aspect) per image: the
+    patient's lungs (holes filled) and the original image's height/width; and the skip counts."""
     from PIL import Image
     from scipy import ndimage as ndi
 
@@ -127,7 +134,7 @@ def xrv_shapes(grid: int) -> tuple[list[dict], dict]:
                 skipped["not two lungs side by side"] += 1
                 continue
             right, left = pair  # image left = patient right
-            out.append(realism.shape_stats(ndi.binary_fill_holes(left), ndi.binary_fill_holes(right), aspect))
+            out.append((ndi.binary_fill_holes(left), ndi.binary_fill_holes(right), aspect))
     skipped["kept"] = len(out)
     return out, skipped
 

@@ -26,7 +26,7 @@ def test_joseph_matches_diffdrr_trilinear(drr64):
     geom = canonical_geometry("PA", 64, ph)
     src, tgt = geom.rays()
     vox = torch.from_numpy(np.linalg.inv(ph.affine)) @ torch.from_numpy(np.linalg.inv(geom.patient_matrix()))
-    src_v, tgt_v, lengths = voxel_rays(vox, src, tgt)
+    src_v, tgt_v, lengths, _ = voxel_rays(vox, src, tgt)
     ours = joseph(Slabs.from_xyz(ph.mu, axis=1), src_v, tgt_v, lengths)[0]
     ref = diffdrr_trilinear(ph.mu, src_v, tgt_v, lengths, n_points=800)[0]
     rel = (ours - ref).abs().mean() / ref.abs().mean()

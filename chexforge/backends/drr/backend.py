@@ -22,17 +22,17 @@ from ... import __version__
 from ...contracts.sample import Projection, Sample
 from ...devices import torch_device
 from . import imaging
+from .body import Body, make_body
 from .ct import source_digest
 from .findings import Insertion, PlacementError, rays_hitting
 from .findings_place import place_findings
 from .geometry import Geometry, canonical_geometry, sample_geometry
-from .library import Library
+from .library import LRU, Library
 from .options import DRROptions
-from .project import MASK_MM, Slabs, joseph, project
+from .patient import Patient, draw_patient
+from .project import MASK_MM, Rays, Slabs, joseph, project
 from .realism import row_span
 from .scene import ANATOMY, Scene, Scenes
-
-Rays = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # Scene.rays: sources, targets, lengths
 
 
 class DRRBackend:
@@ -47,7 +47,23 @@ class DRRBackend:
             self.library.pick(0)  # a library without a usable chest: one error now, not one per job
         # What identifies the CT(s) of the whole run; a job's detail level is in its meta.
         self.model_hash = self.library.identity if self.library else source_digest(options.ct)
-        self.scenes = Scenes(options.ct_cache, options.polychromatic, self.device)
+        self.scenes = Scenes(options.ct_cache, options.polychromatic, self.device, vessels=options.virtual_patients)
+        self.bodies = LRU(4)  # (patient, CT, level, axis) → Body (a copy of the attenuation each): a study shares its patient
+
+    def patient_for(self, job: dict[str, Any]) -> Patient | None:
+        """The job's virtual patient, drawn from its `patient_seed` (shared by a study's views;
+        the job's own seed where there is none), its sex and age; None with virtual_patients off."""
+        if not self.options.virtual_patients:
+            return None
+        return draw_patient(job.get("sex"), job.get("age"), patient_seed(job))
+
+    def body_for(self, job: dict[str, Any], scene: Scene) -> Body | None:
+        """The job's patient laid out on its scene (deformation, tissue, size), cached."""
+        patient = self.patient_for(job)
+        if patient is None:
+            return None
+        key = (patient, scene.source, scene.level, scene.axis)
+        return self.bodies.get_or_make(key, lambda: make_body(patient, scene, self.options.vessels))
 
     def scene_for(self, job: dict[str, Any]) -> Scene:
         """The job's patient (drawn from its seed when there is a library) at the detail level of
@@ -64,7 +80,8 @@ class DRRBackend:
             "model_hash": self.model_hash,
             "sampler": {"projector": o.projector, "dose": o.dose, "scatter": o.scatter, "blur_mm": o.blur_mm,
                         "polychromatic": o.polychromatic, "spectrum_kvp": o.spectrum_kvp,
-                        "processing": o.processing, "variation": o.variation},
+                        "processing": o.processing, "variation": o.variation,
+                        "virtual_patients": o.virtual_patients, "vessels": o.vessels},
         }
 
     def generate(self, jobs: list[dict[str, Any]]) -> list[Sample]:
@@ -89,19 +106,32 @@ class DRRBackend:
         """
         t0 = time.perf_counter()
         scene = self.scene_for(job) if scene is None else scene
-        rng = np.random.default_rng(int(job["seed"]))
+        body = self.body_for(job, scene)
+        rng = np.random.default_rng(int(job["seed"]))  # this exposure: positioning, breath, noise
         size = int(job["size"])
-        geom = sample_geometry(job["view"], size, job, scene.phantom, rng, self.options.variation)
-        rays = scene.rays(geom)
-        projected = self._project(scene.anatomy, rays).view(-1, size, size)
-        masks = self._anatomy_masks(projected)
-        insertions = self._findings(scene, job, rng, masks, device_kinds)
-        integral = self._project(_with_findings(scene.mu, insertions), rays)[0].view(size, size)
-        lesions, boxes, facts = self._finding_masks(scene, insertions, rays, size, masks)
+        geom = sample_geometry(job["view"], size, job, scene.phantom, rng, self.options.variation,
+                               body=body.scale if body else None)
+        rays = scene.rays(geom, body.warp if body else None)
+        tissue = body.tissue if body is not None else scene.tissue
+        # The anatomy channels only make masks (path > MASK_MM): every second plane is plenty.
+        projected = self._project([tissue, Slabs(scene.anatomy.data, scene.axis, tissue.span, step=2)], rays)
+        bone = projected[1] if self.options.polychromatic else None
+        masks = self._anatomy_masks(projected[-len(ANATOMY):].view(-1, size, size))
+        # The patient's findings are the study's: every view of it shows the same ones.
+        find_rng = rng if body is None else np.random.default_rng([patient_seed(job), 7])
+        insertions = self._findings(scene, job, find_rng, masks, device_kinds, body)
+        integral = projected[0] + self._findings_delta(tissue, insertions, rays, body)
+        if body is not None and bone is not None:  # bone mineral density: the bone path scales, and mu with it
+            integral, bone = integral + (body.patient.bone_density - 1) * imaging.BONE_K * bone, body.patient.bone_density * bone
+        integral = integral.view(size, size)
+        lesions, boxes, facts = self._finding_masks(scene, insertions, rays, size, masks, body)
         meta: dict[str, Any] = {"geometry": geom.as_meta(), "findings": facts, "ct": self._ct_name(scene.source),
                                 "level": scene.level,
                                 "ctr": round(cardiothoracic_ratio(masks), 3) if scene.axis == 1 else None}  # frontal only
-        image = self._expose(integral, projected, geom, int(job["seed"] if noise_seed is None else noise_seed))
+        if body is not None:
+            meta["patient"] = {"seed": patient_seed(job), **body.patient.as_meta()}
+        image = self._expose(integral, None if bone is None else bone.view(size, size), geom,
+                             int(job["seed"] if noise_seed is None else noise_seed))
         meta["seconds"] = round(time.perf_counter() - t0, 4)
         o = self.options
         projection = Projection(geom.pixel_mm, geom.sid, geom.sid - geom.odd, geom.magnification,
@@ -115,18 +145,46 @@ class DRRBackend:
     def _project(self, slabs: Slabs, rays: Rays) -> torch.Tensor:
         return project(slabs, *rays, projector=self.options.projector)
 
+    def _findings_delta(self, tissue: Slabs, insertions: list[Insertion], rays: Rays, body: Body | None) -> torch.Tensor | float:
+        """What the findings change in the line integrals: the insertions written into a copy of
+        the smallest box holding them all, minus the box as it was, projected on its own (the
+        scene's volume is shared by every job and never written)."""
+        if not insertions:
+            return 0.0
+        lo = np.min([ins.origin for ins in insertions], axis=0)
+        hi = np.max([np.add(ins.origin, ins.occupancy.shape) for ins in insertions], axis=0)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        before = tissue.xyz(0)[box]
+        after = before.clone()
+        for ins in insertions:
+            ins.apply(after, offset=tuple(int(v) for v in lo))
+        delta = Slabs.from_xyz((after - before)[None], axis=tissue.axis)
+        origin = tuple(int(v) for v in lo)
+        offset = torch.tensor(origin, dtype=rays.src_v.dtype, device=rays.src_v.device)
+        hit = rays_hitting(rays.src_v - offset, rays.tgt_v - offset, after.shape, margin=body.reach if body else 0.0)
+        out = torch.zeros(rays.tgt_v.shape[0], device=rays.tgt_v.device)
+        out[hit] = project(delta, rays.src_v - offset, rays.tgt_v[hit] - offset, rays.lengths[hit], rays.warp,
+                           self.options.projector, origin)[0]
+        return out
+
+    def rays_for(self, job: dict[str, Any], scene: Scene, geom: Geometry) -> Rays:
+        """The rays of `geom` through the job's patient on `scene` (its deformation included),
+        e.g. to project other structures exactly as the job's image was (realism.field_masks)."""
+        body = self.body_for(job, scene)
+        return scene.rays(geom, body.warp if body else None)
+
     def _anatomy_masks(self, projected: torch.Tensor) -> dict[str, torch.Tensor]:
         """Lungs and heart from the projected anatomy channels: every pixel whose ray crosses
         the structure, holes filled."""
         paths = (projected[:len(ANATOMY)] > MASK_MM).cpu().numpy()
         return {name: torch.from_numpy(ndi.binary_fill_holes(p)).to(self.device) for name, p in zip(ANATOMY, paths)}
 
-    def _expose(self, integral: torch.Tensor, projected: torch.Tensor, geom: Geometry, noise_seed: int) -> torch.Tensor:
-        """The detector (quantum noise drawn from `noise_seed`) and the display chain."""
+    def _expose(self, integral: torch.Tensor, bone: torch.Tensor | None, geom: Geometry, noise_seed: int) -> torch.Tensor:
+        """The detector (quantum noise drawn from `noise_seed`) and the display chain. `bone`: the
+        bone basis path (the polychromatic chain's second material)."""
         gen = torch.Generator().manual_seed(noise_seed & 0x7FFF_FFFF_FFFF_FFFF)
         o = self.options
         if o.polychromatic:
-            bone = projected[len(ANATOMY)]  # the channel after the anatomy: bone basis density (scene.py)
             log_signal = imaging.expose_poly(integral, bone, geom.pixel_mm, o.dose, o.scatter, o.blur_mm, gen, o.spectrum_kvp)
         else:
             log_signal = imaging.expose(integral, geom.pixel_mm, o.dose, o.scatter, o.blur_mm, gen)
@@ -135,24 +193,28 @@ class DRRBackend:
     # ---- findings --------------------------------------------------------------------------
 
     def _findings(self, scene: Scene, job: dict[str, Any], rng: np.random.Generator, masks: dict[str, torch.Tensor],
-                  device_kinds: Sequence[str] | None) -> list[Insertion]:
+                  device_kinds: Sequence[str] | None, body: Body | None) -> list[Insertion]:
         """The job's findings as 3-D insertions (findings_place.py: order, room, overlaps)."""
         ctr = None
         if job.get("Cardiomegaly"):  # a ratio of frontal widths: laterals use the patient's frontal one
-            ctr = cardiothoracic_ratio(masks) if scene.axis == 1 else self._frontal_ctr(scene, int(job["size"]))
+            ctr = cardiothoracic_ratio(masks) if scene.axis == 1 else self._frontal_ctr(scene, job, body)
         return place_findings(scene.inserter, job, rng, ctr, device_kinds)
 
-    def _frontal_ctr(self, scene: Scene, size: int) -> float:
-        """The scene's patient's cardiothoracic ratio on a canonical PA film of `size` pixels."""
-        if size not in scene.frontal_ctr:
+    def _frontal_ctr(self, scene: Scene, job: dict[str, Any], body: Body | None) -> float:
+        """The patient's cardiothoracic ratio on a canonical PA film of the job's size."""
+        size = int(job["size"])
+        key = (body.patient if body else None, size)
+        if key not in scene.frontal_ctr:
             pa = self.scenes.get(scene.source, size, "PA")
-            geom = canonical_geometry("PA", size, pa.phantom)
-            projected = self._project(pa.anatomy, pa.rays(geom)).view(-1, size, size)
-            scene.frontal_ctr[size] = cardiothoracic_ratio(self._anatomy_masks(projected))
-        return scene.frontal_ctr[size]
+            pa_body = self.body_for(job, pa)
+            geom = canonical_geometry("PA", size, pa.phantom, body=pa_body.scale if pa_body else None)
+            rays = pa.rays(geom, pa_body.warp if pa_body else None)
+            projected = self._project(pa.anatomy, rays).view(-1, size, size)
+            scene.frontal_ctr[key] = cardiothoracic_ratio(self._anatomy_masks(projected))
+        return scene.frontal_ctr[key]
 
     def _finding_masks(self, scene: Scene, insertions: list[Insertion], rays: Rays, size: int,
-                       masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict], list[dict]]:
+                       masks: dict[str, torch.Tensor], body: Body | None) -> tuple[dict[str, torch.Tensor], list[dict], list[dict]]:
         """Per finding its exact mask (the union of its insertions'), its boxes, and each
         insertion's facts for meta. An enlarged heart's mask also joins the heart's, on which the
         cardiothoracic ratio is then measured."""
@@ -160,7 +222,7 @@ class DRRBackend:
         boxes: list[dict] = []
         facts: list[dict] = []
         for ins in insertions:
-            m = _insertion_mask(ins, rays, size, scene.axis)
+            m = _insertion_mask(ins, rays, size, scene.axis, body.reach if body else 0.0)
             if ins.finding == "Cardiomegaly":
                 masks["heart"] = masks["heart"] | m
             name = ins.finding
@@ -172,27 +234,24 @@ class DRRBackend:
         return lesions, boxes, facts
 
 
-def _with_findings(mu: Slabs, insertions: list[Insertion]) -> Slabs:
-    """The attenuation volume with the job's findings written in: a copy, so the scene stays
-    the normal patient for the next job."""
-    if not insertions:
-        return mu
-    volume = mu.clone()
-    for ins in insertions:
-        ins.apply(volume.xyz())
-    return volume
+def patient_seed(job: dict[str, Any]) -> int:
+    """The seed of the job's patient: its study's `patient_seed`, else its own seed."""
+    value = job.get("patient_seed")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        value = job["seed"]
+    return int(value)
 
 
-def _insertion_mask(ins: Insertion, rays: Rays, size: int, axis: int) -> torch.Tensor:
+def _insertion_mask(ins: Insertion, rays: Rays, size: int, axis: int, reach: float = 0.0) -> torch.Tensor:
     """Project the finding's label alone (in its own small box) → its exact mask; rays that
     also cross its `beyond` volume (a pneumothorax's collapsed lung) are left out."""
-    src_v, tgt_v, lengths = rays
+    src_v, tgt_v, lengths = rays.src_v, rays.tgt_v, rays.lengths
     offset = torch.tensor(ins.origin, dtype=src_v.dtype, device=src_v.device)
     volume = ins.mask_volume().to(src_v.device)
     slabs = Slabs.from_xyz(volume, axis=axis)
-    hit = rays_hitting(src_v - offset, tgt_v - offset, volume.shape[1:])  # only rays that cross its box
+    hit = rays_hitting(src_v - offset, tgt_v - offset, volume.shape[1:], margin=reach)  # only rays that can cross its box
     path = torch.zeros(volume.shape[0], tgt_v.shape[0], device=tgt_v.device)
-    path[:, hit] = joseph(slabs, src_v - offset, tgt_v[hit] - offset, lengths[hit])
+    path[:, hit] = joseph(slabs, src_v - offset, tgt_v[hit] - offset, lengths[hit], warp=rays.warp, origin=ins.origin)
     path = path.view(-1, size, size) > MASK_MM
     mask = (path[0] & ~path[1] if len(path) > 1 else path[0]).cpu().numpy()
     return torch.from_numpy(ndi.binary_fill_holes(mask) if ins.fill else mask).to(src_v.device)

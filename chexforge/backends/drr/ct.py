@@ -63,6 +63,9 @@ class Phantom:
     name: str
     digest: str
     level: int = 1
+    # Blood volume (ml) of the CT's own lung vessels per side, when they were removed at
+    # preparation (virtual patients grow their own trees with as much blood); None otherwise.
+    vessel_ml: dict[str, float] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -107,27 +110,29 @@ class Phantom:
         return self.to_mm(idx.min(0)), self.to_mm(idx.max(0))
 
 
-def load_phantom(source: str = "bundled", level: int = 1) -> Phantom:
+def load_phantom(source: str = "bundled", level: int = 1, without_vessels: bool = False) -> Phantom:
     """`source`: 'bundled' or a CT folder: ct.nii.gz with either labels.nii.gz + structures.csv
     or segmentations/<structure>.nii.gz (one mask per structure, as TotalSegmentator writes).
 
     `level` 0 keeps the CT's in-plane resolution; each level halves it (see `choose_level`).
+    `without_vessels`: the lungs' own vessels replaced by vessel-free parenchyma (vessels.py).
     """
     ct_path, label_path, structures_path = _paths(source)
-    digest = _digest(ct_path, label_path, level)
+    digest = _digest(ct_path, label_path, level, without_vessels)
     cached = cache_dir() / "ct" / f"{ct_path.parent.name}-{digest}.npz"
     structures = _structures(structures_path) if structures_path else _segmentation_structures(label_path)
     if cached.exists():
         try:
             with np.load(cached) as z:
+                ml = dict(zip(("left", "right"), (float(v) for v in z["vessel_ml"]))) if without_vessels else None
                 return Phantom(torch.from_numpy(z["mu"].astype(np.float32)), torch.from_numpy(z["labels"]),
-                               tuple(float(s) for s in z["spacing"]), structures, source, digest, level)
+                               tuple(float(s) for s in z["spacing"]), structures, source, digest, level, ml)
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache is rebuilt below
-    mu, labels, spacing = _prepare(ct_path, label_path, structures, level)
+    mu, labels, spacing, ml = _prepare(ct_path, label_path, structures, level, without_vessels)
     mu = mu.astype(np.float16).astype(np.float32)  # as the cache stores it: fresh and cached render alike
-    _save_cache(cached, mu, labels, spacing)
-    return Phantom(torch.from_numpy(mu), torch.from_numpy(labels), spacing, structures, source, digest, level)
+    _save_cache(cached, mu, labels, spacing, ml)
+    return Phantom(torch.from_numpy(mu), torch.from_numpy(labels), spacing, structures, source, digest, level, ml)
 
 
 def _paths(source: str) -> tuple[Path, Path, Path]:
@@ -216,24 +221,28 @@ def _files_hash(ct: Path, labels: Path):
     return h
 
 
-def _digest(ct: Path, labels: Path, level: int) -> str:
-    """The prepared volume's cache key: its files, detail level and preparation version."""
+def _digest(ct: Path, labels: Path, level: int, without_vessels: bool = False) -> str:
+    """The prepared volume's cache key: its files, detail level, vessels and preparation version."""
     h = _files_hash(ct, labels)
     h.update(f"level={level}|v={CACHE_VERSION}".encode())
+    if without_vessels:
+        h.update(b"|without-vessels")
     return h.hexdigest()
 
 
-def _save_cache(path: Path, mu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
+def _save_cache(path: Path, mu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float],
+                vessel_ml: dict[str, float] | None = None) -> None:
     from ...atomic import atomic_open
 
+    extra = {} if vessel_ml is None else {"vessel_ml": np.array([vessel_ml["left"], vessel_ml["right"]])}
     try:
         with atomic_open(path) as f:
-            np.savez(f, mu=mu.astype(np.float16), labels=labels, spacing=np.array(spacing))
+            np.savez(f, mu=mu.astype(np.float16), labels=labels, spacing=np.array(spacing), **extra)
     except OSError:
         pass  # a cache we cannot write only costs time
 
 
-def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level: int):
+def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level: int, without_vessels: bool = False):
     import nibabel as nib
     from scipy import ndimage as ndi
 
@@ -265,6 +274,14 @@ def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level:
         hu = hu[:nx, :ny].reshape(nx // f, f, ny // f, f, -1).mean(axis=(1, 3))
         labels = labels[:nx:f, :ny:f]  # nearest: labels must stay labels
         spacing = spacing * np.array([f, f, 1])
+    vessel_ml = None
+    if without_vessels:
+        from .vessels import parenchyma
+
+        vessel_ml = {}
+        for side, names in (("left", LUNG_LEFT), ("right", LUNG_RIGHT)):
+            lung = np.isin(labels, [structures[n] for n in names if n in structures])
+            hu, vessel_ml[side] = parenchyma(hu, lung, spacing) if lung.any() else (hu, 0.0)
     pad = int(round(PAD_MM / spacing[2]))
     hu = _extend(hu, pad, ndi, sigma_mm=2.0 / spacing[0])
     labels = np.pad(labels, ((0, 0), (0, 0), (pad, pad)))
@@ -273,10 +290,25 @@ def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level:
     hu = np.clip(hu, -1000, 3000)
     mu = MU_WATER * (1 + hu / 1000)
     mu = np.where(hu > 150, MU_WATER * (1 + 0.15 + BONE_GAIN * (hu - 150) / 1000), mu)
-    return mu.astype(np.float32), labels, tuple(float(s) for s in spacing)
+    return mu.astype(np.float32), labels, tuple(float(s) for s in spacing), vessel_ml
 
 
 UPRIGHT_HEIGHT_MM = {"right": 190.0, "left": 205.0}  # lung apex to dome, upright, full inspiration
+
+
+def lung_profile(lung: np.ndarray, side: str) -> tuple[float, float, float]:
+    """(apex z, dome z, mean x) of one lung, voxel indices. The dome is taken under the lung's
+    lateral half, clear of the heart (the mid-clavicular line), at the middle of its depth."""
+    z_apex = float(np.nonzero(lung.any(axis=(0, 1)))[0].max())
+    cols = lung.any(2)
+    low = np.where(lung, np.arange(lung.shape[2]), lung.shape[2]).min(2)  # lowest lung voxel per column
+    xs, ys = np.nonzero(cols)
+    lateral = (xs - xs.min()) / max(np.ptp(xs), 1)
+    lateral = lateral if side == "right" else 1 - lateral  # RAS: +x is the patient's right
+    qy = np.percentile(ys, [25, 75])
+    pick = (lateral > 0.35) & (lateral < 0.85) & (ys >= qy[0]) & (ys <= qy[1])
+    z_dome = float(np.percentile(low[xs[pick], ys[pick]], 75))
+    return z_apex, z_dome, float(xs.mean())
 
 
 def upright(hu: np.ndarray, labels: np.ndarray, structures: dict[str, int], spacing) -> tuple[np.ndarray, np.ndarray]:
@@ -296,19 +328,10 @@ def upright(hu: np.ndarray, labels: np.ndarray, structures: dict[str, int], spac
     dz = float(spacing[2])
     prof = {}
     for side, lung in sides.items():
-        z_apex = float(np.nonzero(lung.any(axis=(0, 1)))[0].max())
-        cols = lung.any(2)
-        low = np.where(lung, np.arange(lung.shape[2]), lung.shape[2]).min(2)  # lowest lung voxel per column
-        xs, ys = np.nonzero(cols)
-        # The dome under the lung's lateral half, clear of the heart (the mid-clavicular line).
-        lateral = (xs - xs.min()) / max(np.ptp(xs), 1)
-        lateral = lateral if side == "right" else 1 - lateral  # RAS: +x is the patient's right
-        qy = np.percentile(ys, [25, 75])
-        pick = (lateral > 0.35) & (lateral < 0.85) & (ys >= qy[0]) & (ys <= qy[1])
-        z_dome = float(np.percentile(low[xs[pick], ys[pick]], 75))
+        z_apex, z_dome, x_mean = lung_profile(lung, side)
         height = (z_apex - z_dome) * dz
         shift = float(np.clip(UPRIGHT_HEIGHT_MM[side] - height, 0, 80)) / dz  # voxels
-        prof[side] = (z_apex, max(z_dome, 1.0), shift, float(xs.mean()))
+        prof[side] = (z_apex, max(z_dome, 1.0), shift, x_mean)
     if prof["right"][2] == 0 and prof["left"][2] == 0:
         return hu, labels
     # Weight of the right side's profile per x (RAS: +x is the patient's right), blended over a

@@ -72,9 +72,10 @@ class Insertion:
     def box(self) -> tuple[slice, slice, slice]:
         return tuple(slice(o, o + s) for o, s in zip(self.origin, self.occupancy.shape))  # type: ignore[return-value]
 
-    def apply(self, volume_xyz: torch.Tensor) -> None:
-        """Write into a (X, Y, Z) view of a job's own volume copy."""
-        region = volume_xyz[self.box]
+    def apply(self, volume_xyz: torch.Tensor, offset: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """Write into a (X, Y, Z) view of a job's own volume copy whose voxel 0 is the full
+        volume's `offset`."""
+        region = volume_xyz[tuple(slice(s.start - o, s.stop - o) for s, o in zip(self.box, offset))]
         occ = self.occupancy.to(region)
         region.copy_(region * (1 - occ) + self.mu.to(region) * occ)
 
@@ -398,12 +399,13 @@ def tube(spacing, origin, shape, segments, soft_mm: float = 0.4) -> np.ndarray:
     return out
 
 
-def rays_hitting(src_v: torch.Tensor, tgt_v: torch.Tensor, shape) -> torch.Tensor:
+def rays_hitting(src_v: torch.Tensor, tgt_v: torch.Tensor, shape, margin: float = 0.0) -> torch.Tensor:
     """(N,) bool: which rays from `src_v` to `tgt_v` (voxel space) pass through the box
-    [0, shape - 1] (plus the one-voxel reach of interpolation) — a slab test, so a small finding's
-    mask projects only the few rays that can see it."""
-    lo = torch.full((3,), -1.0, dtype=tgt_v.dtype, device=tgt_v.device)
-    hi = torch.tensor(shape, dtype=tgt_v.dtype, device=tgt_v.device)
+    [0, shape - 1] (plus the one-voxel reach of interpolation, plus `margin` voxels: how far a
+    patient's deformation may move the box) — a slab test, so a small finding's mask projects
+    only the few rays that can see it."""
+    lo = torch.full((3,), -1.0 - margin, dtype=tgt_v.dtype, device=tgt_v.device)
+    hi = torch.tensor(shape, dtype=tgt_v.dtype, device=tgt_v.device) + margin
     d = tgt_v - src_v
     d = torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
     t1, t2 = (lo - src_v) / d, (hi - src_v) / d

@@ -107,8 +107,9 @@ def _rotation(a: np.ndarray) -> np.ndarray:
 
 
 def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.random.Generator,
-                    variation: float = 1.0) -> Geometry:
-    """Draw a plausible exposure and patient habitus for one job."""
+                    variation: float = 1.0, body: tuple[float, float, float] | None = None) -> Geometry:
+    """Draw a plausible exposure for one job. `body`: the virtual patient's size relative to the
+    CT (deform.body_scale); without one, the CT's person scaled by a habitus drawn here."""
     v = VIEWS[view]
     h = 0 if v["beam_axis"] == 1 else 1  # the patient axis along the image's rows
     lo, hi = phantom.lung_extent_mm
@@ -118,18 +119,23 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
     def jitter(sd: float) -> float:
         return float(rng.normal(0.0, sd * variation))
 
-    body = 0.96 if female else 1.0  # smaller average chest
-    scale = (body * (1 + jitter(0.04)), body * (1 + jitter(0.05)), body * (1 + jitter(0.03)))
-    # Portable AP films are often shallower breaths; older patients a little shallower too.
-    insp_mean = (0.95 if view == "AP" else 1.0) - max(0.0, age - 60) * 0.0008
-    inspiration = float(np.clip(insp_mean + jitter(0.03), 0.85, 1.1))
+    if body is None:
+        habitus = 0.96 if female else 1.0  # smaller average chest
+        scale = (habitus * (1 + jitter(0.04)), habitus * (1 + jitter(0.05)), habitus * (1 + jitter(0.03)))
+        # Portable AP films are often shallower breaths; older patients a little shallower too.
+        insp_mean = (0.95 if view == "AP" else 1.0) - max(0.0, age - 60) * 0.0008
+        inspiration = float(np.clip(insp_mean + jitter(0.03), 0.85, 1.1))
+    else:  # the patient's own lungs and size; this exposure's breath hold varies a little
+        scale = tuple(float(s) for s in body)
+        inspiration = float(np.clip((0.95 if view == "AP" else 1.0) + jitter(0.02), 0.88, 1.06))
     return Geometry(
         view=view,
         size=size,
         sid=v["sid"] + jitter(v["sid_sd"]),
         odd=max(60.0, v["odd"] + jitter(v["odd_sd"])),
-        field_mm=FIELD_MM * (1 + jitter(0.02)),
-        aim=(float((lo[h] + hi[h]) / 2), float((lo[2] + hi[2]) / 2 + 10.0)),
+        # A larger patient gets a larger field (collimated to the chest), so the lungs fit.
+        field_mm=FIELD_MM * max(1.0, scale[h]) * (1 + jitter(0.02)),
+        aim=(float((lo[h] + hi[h]) / 2 * scale[h]), float(((lo[2] + hi[2]) / 2 + 10.0) * scale[2])),
         angles_deg=(jitter(2.5), jitter(1.5), jitter(3.0)),
         shift_mm=(jitter(6.0), jitter(4.0), jitter(8.0)),
         scale=scale,
@@ -138,6 +144,6 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
     )
 
 
-def canonical_geometry(view: str, size: int, phantom: Phantom) -> Geometry:
+def canonical_geometry(view: str, size: int, phantom: Phantom, body: tuple[float, float, float] | None = None) -> Geometry:
     """The unjittered set-up (used by benchmarks and tests)."""
-    return sample_geometry(view, size, {"sex": "M", "age": 60}, phantom, np.random.default_rng(0), variation=0.0)
+    return sample_geometry(view, size, {"sex": "M", "age": 60}, phantom, np.random.default_rng(0), variation=0.0, body=body)

@@ -25,7 +25,10 @@ class DRROptions(BaseModel):
     spectrum_kvp: float = Field(120.0, ge=50, le=150, description="tube voltage of the polychromatic chain (kVp)")
     processing: Literal["clinical", "raw"] = Field(
         "clinical", description="clinical: equalised, edge-enhanced display; raw: the log image, linearly windowed")
-    variation: float = Field(1.0, ge=0, le=2, description="scale of patient and positioning variation (0 = canonical pose)")
+    variation: float = Field(1.0, ge=0, le=2, description="scale of positioning and breathing variation per exposure (0 = canonical pose)")
+    virtual_patients: bool = Field(True, description="true: every job (every study) is a different person drawn from its seed, sex "
+                                   "and age (shape, breasts, fat, bone density, calcification); false: the CT's own person")
+    vessels: bool = Field(True, description="with virtual patients: replace the CT's lung vessels by a vascular tree grown per patient")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     batch_size: int = Field(4, ge=1, le=256)
 

@@ -69,18 +69,21 @@ def geometry_from_meta(meta: dict) -> Geometry:
     return Geometry(**{f.name: tuple(g[f.name]) if isinstance(g[f.name], list) else g[f.name] for f in fields(Geometry)})
 
 
-def field_masks(scene, sample, abdomen: Slabs | None = None, projector: str = "joseph") -> dict[str, np.ndarray]:
+def field_masks(scene, sample, abdomen: Slabs | None = None, projector: str = "joseph", backend=None,
+                job: dict | None = None) -> dict[str, np.ndarray]:
     """The projected lungs of `sample` above the diaphragm (largest piece per lung, holes filled).
 
     `scene`: the one `sample` was rendered on (`DRRBackend.scene_for(job)`); `abdomen` (from
     `abdomen_slabs(scene.phantom)`) saves rebuilding the abdomen volume for each image of one CT;
-    `projector`: the backend's (DRROptions.projector), so both masks come from the same rays.
+    `projector`: the backend's (DRROptions.projector), so both masks come from the same rays;
+    `backend` and `job`: to project through the job's virtual patient (its deformation).
     """
     if abdomen is None:
         abdomen = abdomen_slabs(scene.phantom)
     abdomen.data = abdomen.data.to(scene.device)
     geom = geometry_from_meta(sample.meta)
-    below = (project(abdomen, *scene.rays(geom), projector=projector)[0].view(geom.size, geom.size) > MASK_MM)
+    rays = backend.rays_for(job, scene, geom) if backend is not None and job is not None else scene.rays(geom)
+    below = (project(abdomen, *rays, projector=projector)[0].view(geom.size, geom.size) > MASK_MM)
     below = below.cpu().numpy()
     return {f"lung_{side}": largest(sample.masks[f"lung_{side}"] & ~below) for side in ("left", "right")}
 

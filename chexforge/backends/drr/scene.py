@@ -23,7 +23,7 @@ from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, Phantom, choose_level, ct_spacing,
 from .findings import Inserter
 from .geometry import FIELD_MM, VIEWS, Geometry
 from .library import LRU
-from .project import Slabs, voxel_rays
+from .project import Rays, Slabs, Warp, voxel_rays
 
 # The anatomy channels of a scene, in order: each is projected to its mask (backend.py).
 ANATOMY = {"lung_left": LUNG_LEFT, "lung_right": LUNG_RIGHT, "heart": HEART}
@@ -35,17 +35,18 @@ class Scene:
 
     phantom: Phantom
     inserter: Inserter  # shared by the scenes of one CT and level: its caches are per phantom
-    mu: Slabs  # attenuation (1/mm)
-    anatomy: Slabs  # lung_left, lung_right, heart (+ bone density for the polychromatic chain)
+    # Projected together in one pass (the rays' sampling positions are the costly part):
+    tissue: Slabs  # attenuation (1/mm) (+ bone basis density for the polychromatic chain)
+    anatomy: Slabs  # lung_left, lung_right, heart
     vox_from_patient: torch.Tensor
     source: str
-    # Image size → the patient's cardiothoracic ratio on a canonical PA film (for laterals), by
-    # size so that a job's ratio never depends on which job measured it first.
-    frontal_ctr: dict[int, float] = field(default_factory=dict)
+    # (patient, image size) → the patient's cardiothoracic ratio on a canonical PA film (for
+    # laterals), by size so that a job's ratio never depends on which job measured it first.
+    frontal_ctr: dict[tuple, float] = field(default_factory=dict)
 
     @property
     def axis(self) -> int:
-        return self.mu.axis
+        return self.tissue.axis
 
     @property
     def level(self) -> int:
@@ -53,13 +54,13 @@ class Scene:
 
     @property
     def device(self) -> torch.device:
-        return self.mu.data.device
+        return self.tissue.data.device
 
-    def rays(self, geom: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The geometry's rays in this scene's voxel space: (sources, targets, lengths)."""
+    def rays(self, geom: Geometry, warp: Warp | None = None) -> Rays:
+        """The geometry's rays in this scene's voxel space, through the patient's deformation."""
         vox_from_world = self.vox_from_patient @ torch.from_numpy(np.linalg.inv(geom.patient_matrix()))
         src, tgt = geom.rays(self.device)
-        return voxel_rays(vox_from_world.to(self.device), src, tgt)
+        return voxel_rays(vox_from_world.to(self.device), src, tgt, warp)
 
 
 @lru_cache(maxsize=4096)
@@ -72,29 +73,28 @@ class Scenes:
     """Prepared scenes, the least recently used dropped first: per CT and level the phantom and
     its Inserter, and per beam axis the volumes laid out along it."""
 
-    def __init__(self, ct_cache: int, polychromatic: bool, device: torch.device):
+    def __init__(self, ct_cache: int, polychromatic: bool, device: torch.device, vessels: bool = False):
         self._lru = LRU(3 * ct_cache)  # per CT: the phantom, a frontal and a lateral scene
         self.polychromatic = polychromatic
         self.device = device
+        self.vessels = vessels  # the CT prepared without its lung vessels (each patient grows its own)
 
     def get(self, source: str, size: int, view: str) -> Scene:
         level = detail_level(source, size)
         axis = VIEWS[view]["beam_axis"]
-        phantom, inserter = self._lru.get_or_make((source, level, None), lambda: _load(source, level))
+        phantom, inserter = self._lru.get_or_make((source, level, None), lambda: _load(source, level, self.vessels))
         return self._lru.get_or_make((source, level, axis), lambda: self._build(phantom, inserter, axis, source))
 
     def _build(self, ph: Phantom, inserter: Inserter, axis: int, source: str) -> Scene:
-        mu = Slabs.from_xyz(ph.mu, axis=axis)
         labels = ph.labels.numpy()
-        channels = [np.isin(labels, ph.ids(names)).astype(np.float32) for names in ANATOMY.values()]
-        if self.polychromatic:  # + the bone basis density, projected with the anatomy (imaging.py)
-            channels.append(imaging.bone_density(ph.mu).numpy())
-        anatomy = Slabs.from_xyz(torch.from_numpy(np.stack(channels)), axis=axis)
-        mu.data = mu.data.to(self.device)
-        anatomy.data = anatomy.data.to(self.device)
-        return Scene(ph, inserter, mu, anatomy, torch.from_numpy(np.linalg.inv(ph.affine)), source)
+        tissue = [ph.mu] + ([imaging.bone_density(ph.mu)] if self.polychromatic else [])  # bone: imaging.py
+        anatomy = [torch.from_numpy(np.isin(labels, ph.ids(names)).astype(np.float32)) for names in ANATOMY.values()]
+        tissue_slabs, anatomy_slabs = (Slabs.from_xyz(torch.stack(c).to(self.device), axis=axis) for c in (tissue, anatomy))
+        span = tissue_slabs.with_span().span
+        return Scene(ph, inserter, Slabs(tissue_slabs.data, axis, span), Slabs(anatomy_slabs.data, axis, span),
+                     torch.from_numpy(np.linalg.inv(ph.affine)), source)
 
 
-def _load(source: str, level: int) -> tuple[Phantom, Inserter]:
-    phantom = load_phantom(source, level=level)
+def _load(source: str, level: int, vessels: bool) -> tuple[Phantom, Inserter]:
+    phantom = load_phantom(source, level=level, without_vessels=vessels)
     return phantom, Inserter(phantom)

@@ -1,0 +1,51 @@
+"""One virtual patient laid out on one scene: what the renderer needs per (patient, CT, beam axis).
+
+`Body` holds the patient's deformation as the projector applies it (project.Warp), the patient's
+own attenuation volume (the scene's, with the tissue additions of tissue.py written in: breasts,
+calcium, lung vessels) and the global size (the geometry's scale). Making one costs a few tens of
+milliseconds and a copy of the scene's attenuation; the backend keeps the recent ones, so the
+views of one study share their patient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import deform, tissue
+from .patient import Patient
+from .project import Slabs, Warp
+from .scene import Scene
+
+
+@dataclass
+class Body:
+    patient: Patient
+    warp: Warp
+    scale: tuple[float, float, float]
+    tissue: Slabs  # attenuation (+ bone basis density): the scene's plus this patient's additions
+    additions: list[str]  # what was added (names), for tests and meta
+    reach: float  # the largest in-plane displacement (voxels): boxes are tested with this margin
+
+
+def make_body(patient: Patient, scene: Scene, with_vessels: bool) -> Body:
+    inserter = scene.inserter
+    lm = inserter.cached("landmarks", lambda: deform.landmarks(scene.phantom))
+    field = deform.backward_field(patient, lm, scene.phantom)
+    warp = deform.warp_for_axis(field, scene.axis, scene.phantom.shape).to(scene.device)
+    adds = tissue.additions(patient, lm, scene.phantom, inserter)
+    if with_vessels:
+        adds += tissue.vessel_trees(patient, scene.phantom, inserter)
+    volume = scene.tissue.clone()
+    first, stop = volume.span or (0, volume.data.shape[0])
+    for add in adds:
+        box = tuple(slice(o, o + n) for o, n in zip(add.origin, add.mu.shape))
+        volume.xyz(0)[box] += add.mu.to(volume.data)
+        if add.bone is not None and volume.data.shape[1] > 1:
+            volume.xyz(1)[box] += add.bone.to(volume.data)
+        first, stop = min(first, box[scene.axis].start), max(stop, box[scene.axis].stop)  # breasts reach out
+    volume.span = (first, stop)
+    others = [a for a in range(3) if a != scene.axis]
+    reach = float(np.abs(field[others]).max()) + 1.0
+    return Body(patient, warp, deform.body_scale(patient, lm), volume, [a.name for a in adds], reach)

@@ -64,8 +64,9 @@ def tile(image: np.ndarray, masks: dict, boxes: list, title: str, overlays: bool
     if overlays:
         for b in boxes:
             draw.rectangle([b["x0"] * size, b["y0"] * size, b["x1"] * size - 1, b["y1"] * size - 1], outline=(0, 160, 255))
-    draw.rectangle([0, 0, size, 13], fill=(0, 0, 0))
-    draw.text((3, 1), title, fill=(235, 235, 235), font=ImageFont.load_default())
+    if title:  # no bar without a title (bench/patients_contact_sheet.py captions below instead)
+        draw.rectangle([0, 0, size, 13], fill=(0, 0, 0))
+        draw.text((3, 1), title, fill=(235, 235, 235), font=ImageFont.load_default())
     return im
 
 

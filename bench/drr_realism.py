@@ -85,11 +85,11 @@ def normal_jobs(n: int, size: int) -> list[dict]:
 def render_stats(backend: DRRBackend, jobs: list[dict], grid: int) -> tuple[list[dict], list[dict]]:
     """Per job: size statistics, and shape statistics of its lung fields on a `grid`² grid."""
     scene = backend.scene_for(jobs[0])  # one CT, one size and view: the scene of every job
-    abdomen = realism.abdomen_slabs(scene.phantom)
+    cover = realism.cover_slabs(scene.phantom)
     sizes, shapes = [], []
     for job in jobs:
         s = backend.render(job, scene=scene)
-        field = realism.field_masks(scene, s, abdomen, backend.options.projector)
+        field = realism.field_masks(scene, s, cover, backend.options.projector, backend=backend, job=job)
         sizes.append(realism.size_stats(s.masks, field, s.meta))
         left, right = (resample(field[f"lung_{k}"], grid) for k in ("left", "right"))
         shapes.append(realism.shape_stats(left, right))

@@ -22,7 +22,6 @@ change) differ only by what the backend renders. The statistics are plain numpy:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -216,17 +215,16 @@ def aspect(mask: np.ndarray, pixel_aspect: float = 1.0) -> float:
 
 def render(backend: DRRBackend, jobs: list[dict]) -> dict:
     """Images, lung fields (both lungs), CTRs. Each job's own scene: with virtual patients a job
-    may bring its own person, so nothing is shared across jobs but the abdomen of a repeated scene."""
+    may bring its own person, so nothing is shared across jobs but the covering structures of a repeated scene."""
     images, fields, ctr = [], [], []
-    last, abdomen = None, None
-    deforms = "backend" in inspect.signature(realism.field_masks).parameters  # virtual patients' field masks
+    last, cover = None, None
     for job in jobs:
-        through = {"backend": backend, "job": job} if deforms else {}  # the abdomen through the job's deformation
         s = backend.render(job)
         scene = backend.scene_for(job)
-        if scene is not last:  # field_masks needs the scene's abdomen; rebuild it only on a new scene
-            last, abdomen = scene, realism.abdomen_slabs(scene.phantom)
-        f = realism.field_masks(scene, s, abdomen, backend.options.projector, **through)
+        if scene is not last:  # field_masks needs what covers the scene's lungs; rebuild it only on a new scene
+            last, cover = scene, realism.cover_slabs(scene.phantom)
+        # What covers the lungs, projected through the job's patient (its deformation), as the image was.
+        f = realism.field_masks(scene, s, cover, backend.options.projector, backend=backend, job=job)
         images.append(s.image)
         fields.append(f["lung_left"] | f["lung_right"])
         ctr.append(float(s.meta["ctr"]))

@@ -187,11 +187,6 @@ def test_the_views_of_a_study_show_one_patient_with_the_same_findings(drr64):
     assert np.argwhere(pa.masks["Effusion"])[:, 1].mean() > 32 > np.argwhere(pa.masks["Nodule"])[:, 1].mean()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (backend.py _findings / findings_place._enlarged_heart): a frontal view scales the heart "
-    "from the CTR measured on its own pose-jittered exposure (job seed), a lateral from the canonical "
-    "PA, so the views of one study get different 3-D hearts, and the findings placed after the heart "
-    "(e.g. a nodule) move with it"))
 def test_a_study_with_cardiomegaly_has_one_heart_in_every_view(drr64):
     findings = {"Cardiomegaly": 1, "Nodule": 1, "Nodule.laterality": "left"}
     views = [drr64.render(job(seed=seed, view=view, **{**STUDY, "sex": "M", "age": 60}, **findings))
@@ -319,7 +314,9 @@ def test_findings_show_where_their_masks_say_on_several_people(drr128, normals, 
     elif where == "heart":  # the enlarged heart: over the normal one, reaching further to the patient's left
         assert 0.5 < cols.mean() < 0.6 and (mask & normal.masks["heart"]).sum() >= 0.95 * normal.masks["heart"].sum()
         target = next(f for f in ill.meta["findings"] if f["finding"] == "Cardiomegaly")["ctr_target"]
-        assert ill.meta["ctr"] > normal.meta["ctr"] + 0.03 and abs(ill.meta["ctr"] - target) < 0.05, \
+        # The enlarged heart is the patient's (one heart for every view of a study), aimed on its
+        # canonical PA film: this exposure's pose moves the measured ratio a little.
+        assert ill.meta["ctr"] > normal.meta["ctr"] + 0.03 and abs(ill.meta["ctr"] - target) < 0.07, \
             (normal.meta["ctr"], ill.meta["ctr"], target)
 
 
@@ -354,8 +351,13 @@ def test_lung_height_moves_masks_and_image_together(drr128, monkeypatch, sex, ag
     from chexforge.backends.drr import deform
 
     base = draw_patient(sex, age, ps)
-    short, tall = (_as(drr128, monkeypatch, dataclasses.replace(base, lung_height_factor=f), seed=seed, sex=sex, age=age)
-                   for f in (0.86, 1.08))
+    renders = []
+    for f in (0.86, 1.08):
+        # The film is framed on the patient's lungs (a taller chest, a lower aim): pinned here, so
+        # both are the same exposure and only the lungs differ.
+        monkeypatch.setattr(deform, "dome_drop", lambda p, lm: 0.0)
+        renders.append(_as(drr128, monkeypatch, dataclasses.replace(base, lung_height_factor=f), seed=seed, sex=sex, age=age))
+    short, tall = renders
     assert short.meta["geometry"] == tall.meta["geometry"]  # the same exposure: only the lungs differ
     scene = drr128.scene_for(job(seed=seed))
     lm = scene.inserter.cached("landmarks", lambda: deform.landmarks(scene.phantom))

@@ -21,12 +21,12 @@ SEEDS = range(8)
 def normals(drr128):
     """Size statistics of 8 rendered normal PA radiographs (women and men, 25-75 years)."""
     scene = drr128.scene_for(job())  # one CT, one size: every job below renders on this scene
-    abdomen = realism.abdomen_slabs(scene.phantom)
+    cover = realism.cover_slabs(scene.phantom)
     out = []
     for seed in SEEDS:
         j = job(seed=seed, sex="F" if seed % 2 else "M", age=25 + 7 * seed)
         s = drr128.render(j, scene=scene)
-        field = realism.field_masks(scene, s, abdomen, drr128.options.projector, backend=drr128, job=j)
+        field = realism.field_masks(scene, s, cover, drr128.options.projector, backend=drr128, job=j)
         out.append(realism.size_stats(s.masks, field, s.meta))
     return out
 

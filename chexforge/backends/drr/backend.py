@@ -66,9 +66,9 @@ class DRRBackend:
         return self.bodies.get_or_make(key, lambda: make_body(patient, scene, self.options.vessels))
 
     def scene_for(self, job: dict[str, Any]) -> Scene:
-        """The job's patient (drawn from its seed when there is a library) at the detail level of
+        """The job's CT (drawn from its patient_seed when there is a library: a study is one CT) at the detail level of
         its size, laid out for its view."""
-        source = str(self.library.pick(int(job["seed"]))) if self.library else self.options.ct
+        source = str(self.library.pick(patient_seed(job))) if self.library else self.options.ct  # a study: one CT
         return self.scenes.get(source, int(job["size"]), job["view"])
 
     def identity(self) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class DRRBackend:
         rng = np.random.default_rng(int(job["seed"]))  # this exposure: positioning, breath, noise
         size = int(job["size"])
         geom = sample_geometry(job["view"], size, job, scene.phantom, rng, self.options.variation,
-                               body=body.scale if body else None)
+                               body=body.framing if body else None)
         rays = scene.rays(geom, body.warp if body else None)
         tissue = body.tissue if body is not None else scene.tissue
         # The anatomy channels only make masks (path > MASK_MM): every second plane is plenty.
@@ -118,7 +118,7 @@ class DRRBackend:
         bone = projected[1] if self.options.polychromatic else None
         masks = self._anatomy_masks(projected[-len(ANATOMY):].view(-1, size, size))
         # The patient's findings are the study's: every view of it shows the same ones.
-        find_rng = rng if body is None else np.random.default_rng([patient_seed(job), 7])
+        find_rng = np.random.default_rng([patient_seed(job), 7])
         insertions = self._findings(scene, job, find_rng, masks, device_kinds, body)
         integral = projected[0] + self._findings_delta(tissue, insertions, rays, body)
         if body is not None and bone is not None:  # bone mineral density: the bone path scales, and mu with it
@@ -196,8 +196,10 @@ class DRRBackend:
                   device_kinds: Sequence[str] | None, body: Body | None) -> list[Insertion]:
         """The job's findings as 3-D insertions (findings_place.py: order, room, overlaps)."""
         ctr = None
-        if job.get("Cardiomegaly"):  # a ratio of frontal widths: laterals use the patient's frontal one
-            ctr = cardiothoracic_ratio(masks) if scene.axis == 1 else self._frontal_ctr(scene, job, body)
+        if job.get("Cardiomegaly"):
+            # The heart is the patient's, the same in every view of a study: its enlargement aims
+            # at the ratio measured on the patient's canonical PA film, not on this exposure.
+            ctr = self._frontal_ctr(scene, job, body)
         return place_findings(scene.inserter, job, rng, ctr, device_kinds)
 
     def _frontal_ctr(self, scene: Scene, job: dict[str, Any], body: Body | None) -> float:
@@ -207,7 +209,7 @@ class DRRBackend:
         if key not in scene.frontal_ctr:
             pa = self.scenes.get(scene.source, size, "PA")
             pa_body = self.body_for(job, pa)
-            geom = canonical_geometry("PA", size, pa.phantom, body=pa_body.scale if pa_body else None)
+            geom = canonical_geometry("PA", size, pa.phantom, body=pa_body.framing if pa_body else None)
             rays = pa.rays(geom, pa_body.warp if pa_body else None)
             projected = self._project(pa.anatomy, rays).view(-1, size, size)
             scene.frontal_ctr[key] = cardiothoracic_ratio(self._anatomy_masks(projected))

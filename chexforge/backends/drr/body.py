@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import deform, tissue
+from .geometry import Framing
 from .patient import Patient
 from .project import Slabs, Warp
 from .scene import Scene
@@ -23,7 +24,7 @@ from .scene import Scene
 class Body:
     patient: Patient
     warp: Warp
-    scale: tuple[float, float, float]
+    framing: Framing  # size relative to the CT, lungs' height range
     tissue: Slabs  # attenuation (+ bone basis density): the scene's plus this patient's additions
     additions: list[str]  # what was added (names), for tests and meta
     reach: float  # the largest in-plane displacement (voxels): boxes are tested with this margin
@@ -48,4 +49,6 @@ def make_body(patient: Patient, scene: Scene, with_vessels: bool) -> Body:
     volume.span = (first, stop)
     others = [a for a in range(3) if a != scene.axis]
     reach = float(np.abs(field[others]).max()) + 1.0
-    return Body(patient, warp, deform.body_scale(patient, lm), volume, [a.name for a in adds], reach)
+    lo, hi = scene.phantom.lung_extent_mm
+    framing = Framing(deform.body_scale(patient, lm), (float(lo[2]) - deform.dome_drop(patient, lm), float(hi[2])))
+    return Body(patient, warp, framing, volume, [a.name for a in adds], reach)

@@ -73,8 +73,7 @@ def landmarks(ph: Phantom) -> Landmarks:
     apex = {s: float(mm(np.array([0, 0, p[0]]))[2]) for s, p in prof.items()}
     dome = {s: float(mm(np.array([0, 0, p[1]]))[2]) for s, p in prof.items()}
     both = ph.lungs["left"] | ph.lungs["right"]
-    xs = np.nonzero(both.any(axis=(1, 2)))[0]
-    width = float((xs.max() - xs.min() + 1) * sp[0])
+    width = _widest_row(both) * sp[0]
     heart = ph.heart
     if heart.any():
         hidx = np.argwhere(heart)
@@ -104,8 +103,20 @@ def landmarks(ph: Phantom) -> Landmarks:
     grid = tuple(np.linspace(0, n - 1, max(2, int(np.ceil((n - 1) * s / GRID_MM)) + 1)) for n, s in zip(ph.shape, sp))
     girdle, scap = (_coarse_weight(np.isin(labels, ph.ids(names)), grid, sp) for names in (GIRDLE, SCAPULAE))
     ribcage, depth_ratio = _ribcage(ph, grid[2], width)
+    # The ratio as a frontal film measures it: widest row of the heart's and the lungs' shadows.
+    ctr = _widest_row(heart) * sp[0] / width if heart.any() else float(2 * radii[0] / width)
     return Landmarks(apex, dome, mid_x, width, depth_ratio, centre, radii,
-                     float(2 * radii[0] / width), heart_top, arch, spine, girdle, scap, ribcage, grid)
+                     ctr, heart_top, arch, spine, girdle, scap, ribcage, grid)
+
+
+def _widest_row(mask: np.ndarray) -> float:
+    """The widest extent along x (voxels) of a structure's frontal shadow, over its levels."""
+    shadow = mask.any(axis=1)  # (X, Z)
+    rows = np.nonzero(shadow.any(0))[0]
+    x = np.arange(shadow.shape[0])[:, None]
+    hi = np.where(shadow[:, rows], x, -1).max(0)
+    lo = np.where(shadow[:, rows], x, shadow.shape[0]).min(0)
+    return float((hi - lo + 1).max())
 
 
 def _coarse_weight(mask: np.ndarray, grid, sp: np.ndarray) -> np.ndarray:
@@ -206,6 +217,12 @@ def _domes(p: Patient, lm: Landmarks) -> tuple[dict[str, float], dict[str, float
     f["left"] = float(np.clip((lm.apex["left"] - new_dome["left"]) / max(lm.apex["left"] - lm.dome["left"], 1), 0.75, 1.3))
     new_dome["left"] = lm.apex["left"] - f["left"] * (lm.apex["left"] - lm.dome["left"])
     return f, new_dome
+
+
+def dome_drop(p: Patient, lm: Landmarks) -> float:
+    """How far (mm) the lower of the two domes moved down (negative: up): the lungs' bottom moves with it."""
+    _, new_dome = _domes(p, lm)
+    return max(lm.dome[s] - new_dome[s] for s in ("left", "right"))
 
 
 def _side_weight(x: np.ndarray | float, lm: Landmarks) -> np.ndarray:

@@ -31,6 +31,7 @@ VIEWS = {
     "LL": {"sid": 1800.0, "sid_sd": 40.0, "odd": 190.0, "odd_sd": 20.0, "beam_axis": 0, "toward_detector": -1.0},
 }
 FIELD_MM = 330.0  # field of view at the patient's mid-plane
+LUNGS_IN_FIELD_MM = 280.0  # the tallest lungs (apex to the deepest recess) a 330 mm field frames with a margin
 
 
 @dataclass
@@ -106,10 +107,19 @@ def _rotation(a: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
+@dataclass(frozen=True)
+class Framing:
+    """What the exposure needs to know of a virtual patient: its size relative to the CT
+    (deform.body_scale) and where its lungs' lowest and highest points are (CT mm, z)."""
+
+    scale: tuple[float, float, float]
+    lung_z: tuple[float, float]
+
+
 def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.random.Generator,
-                    variation: float = 1.0, body: tuple[float, float, float] | None = None) -> Geometry:
-    """Draw a plausible exposure for one job. `body`: the virtual patient's size relative to the
-    CT (deform.body_scale); without one, the CT's person scaled by a habitus drawn here."""
+                    variation: float = 1.0, body: Framing | None = None) -> Geometry:
+    """Draw a plausible exposure for one job. `body`: the virtual patient's size and lungs;
+    without one, the CT's person scaled by a habitus drawn here."""
     v = VIEWS[view]
     h = 0 if v["beam_axis"] == 1 else 1  # the patient axis along the image's rows
     lo, hi = phantom.lung_extent_mm
@@ -126,7 +136,9 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
         insp_mean = (0.95 if view == "AP" else 1.0) - max(0.0, age - 60) * 0.0008
         inspiration = float(np.clip(insp_mean + jitter(0.03), 0.85, 1.1))
     else:  # the patient's own lungs and size; this exposure's breath hold varies a little
-        scale = tuple(float(s) for s in body)
+        scale = tuple(float(s) for s in body.scale)
+        lo, hi = lo.copy(), hi.copy()
+        lo[2], hi[2] = body.lung_z
         inspiration = float(np.clip((0.95 if view == "AP" else 1.0) + jitter(0.02), 0.88, 1.06))
     return Geometry(
         view=view,
@@ -134,7 +146,8 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
         sid=v["sid"] + jitter(v["sid_sd"]),
         odd=max(60.0, v["odd"] + jitter(v["odd_sd"])),
         # A larger patient gets a larger field (collimated to the chest), so the lungs fit.
-        field_mm=FIELD_MM * max(1.0, scale[h]) * (1 + jitter(0.02)),
+        # (and tall lungs a taller one: the costophrenic recesses stay on the film).
+        field_mm=FIELD_MM * max(1.0, scale[h], (hi[2] - lo[2]) * scale[2] / LUNGS_IN_FIELD_MM) * (1 + jitter(0.02)),
         aim=(float((lo[h] + hi[h]) / 2 * scale[h]), float(((lo[2] + hi[2]) / 2 + 10.0) * scale[2])),
         angles_deg=(jitter(2.5), jitter(1.5), jitter(3.0)),
         shift_mm=(jitter(6.0), jitter(4.0), jitter(8.0)),
@@ -144,6 +157,6 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
     )
 
 
-def canonical_geometry(view: str, size: int, phantom: Phantom, body: tuple[float, float, float] | None = None) -> Geometry:
+def canonical_geometry(view: str, size: int, phantom: Phantom, body: Framing | None = None) -> Geometry:
     """The unjittered set-up (used by benchmarks and tests)."""
     return sample_geometry(view, size, {"sex": "M", "age": 60}, phantom, np.random.default_rng(0), variation=0.0, body=body)

@@ -20,14 +20,16 @@ Means and spreads, and where they come from (docs/drr.md, "Virtual patients", li
 - thoracic width (inner rib to inner rib, PA film): men 29.7 ± 2.7, women 27.1 ± 2.6 cm (Pan Afr
   Med J 2017;27:201), i.e. /1.08 magnification at the patient;
 - thoracic depth/width ratio ~0.70, rising with age (the barrel chest of the elderly);
-- lung height apex → dome: the upright CT's (ct.UPRIGHT_HEIGHT_MM, from West Afr J Med 2007)
-  scaled with stature, ±6 % for the depth of inspiration, +6 % from 40 to 85 years (loss of
-  elastic recoil flattens and lowers the diaphragm); the right dome higher than the left by
-  about half an interspace, 15 ± 8 mm (Felson's Principles of Chest Roentgenology);
-- cardiothoracic ratio: men 0.45, women 0.47, SD 0.035, +0.01 per decade after 40 (see
-  docs/drr.md for the sources), with a heart shift of 4 mm SD (at most 8) and a rotation of the cardiac axis of
-  ±6° (more horizontal with age and body fat);
-- aortic knob: unfolding of the aorta moves the arch left and up with age, 0 → ~10 mm at 85;
+- lung height apex → dome: 0.93 × the upright CT's (ct.UPRIGHT_HEIGHT_MM, from West Afr J Med
+  2007), ±9 % for the breath held, +9 % from 40 to 85 years (loss of elastic recoil flattens and
+  lowers the diaphragm); the right dome higher than the left by about half an interspace,
+  15 ± 10 mm (Felson's Principles of Chest Roentgenology);
+- cardiothoracic ratio: men 0.437, women 0.452 at 40 (so that all adults average the published
+  0.462 and 0.472), SD 0.04, +0.012 per decade after 40 (see
+  docs/drr.md for the sources), with a heart shift of 4 mm SD (at most 8) and a rotation of the
+  cardiac axis of ±4° (more horizontal with age and body fat);
+- aortic knob: unfolding of the aorta moves the arch left and up with age, 0 → ~14 mm at 85,
+  and the upper mediastinum widens (+12 %);
 - thoracic kyphosis: Cobb angle ~27° at 20-29 rising to ~40° at 70-79, women more (Fon, Pitt &
   Thies, AJR 1980;134:979); scoliosis: Cobb ≥ 10° in up to 68 % over 60 (Schwab et al., Spine
   2005;30:1082), mild below;
@@ -94,12 +96,13 @@ def draw_patient(sex: str | None, age: float | None, seed: int) -> Patient:
     bmi_mean = (28.5 if female else 28.0) + 2.0 * np.sin(np.pi * np.clip((age - 20) / 80, 0, 1))
     bmi = float(np.clip(bmi_mean * np.exp(0.18 * z[1]), 16.5, 55))
     # Thoracic width: film means /1.08 magnification; taller and heavier people are wider.
-    width = ((27.1 if female else 29.7) / 1.08 + 0.9 * z[2] + 0.08 * (bmi - 28)
-             + 0.04 * (stature - (161.3 if female else 175.3)))
+    width = ((27.1 if female else 29.7) / 1.08 + 1.6 * z[2] + 0.08 * (bmi - 28)
+             + 0.04 * (stature - (161.3 if female else 175.3)))  # SD ~2.4 cm at the patient, as published
     depth_ratio = 0.68 + 0.06 * old + 0.002 * (bmi - 28) + 0.035 * z[3]
-    lung_height = (1 + 0.06 * old) * (1 + 0.06 * z[4])
-    dome_step = 15 + 8 * z[5]
-    ctr = (0.47 if female else 0.45) + 0.01 * max(0.0, age - 40) / 10 + 0.035 * z[6] + 0.002 * (bmi - 28)
+    # Films vary in the breath held (9-11 posterior ribs above the dome); the diaphragm descends with age.
+    lung_height = (0.93 + 0.09 * old) * (1 + 0.09 * z[4])
+    dome_step = 15 + 10 * z[5]
+    ctr = (0.452 if female else 0.437) + 0.012 * max(0.0, age - 40) / 10 + 0.04 * z[6] + 0.002 * (bmi - 28)
     heart_rot = 4 * z[8] + 4 * old + 0.2 * (bmi - 28)
     kyphosis = 27 + 14 * old * (1.3 if female else 1.0) + 7 * z[11]
     # Scoliosis: mild in most adults; with age a growing share has a curve of a few cm.
@@ -116,10 +119,10 @@ def draw_patient(sex: str | None, age: float | None, seed: int) -> Patient:
     return Patient(
         sex="F" if female else "M", age=age, stature_cm=float(stature), bmi=bmi,
         thorax_width_cm=float(width), depth_ratio=float(np.clip(depth_ratio, 0.55, 0.9)),
-        lung_height_factor=float(np.clip(lung_height, 0.82, 1.2)), dome_step_mm=float(np.clip(dome_step, -10, 40)),
+        lung_height_factor=float(np.clip(lung_height, 0.72, 1.25)), dome_step_mm=float(np.clip(dome_step, -15, 45)),
         ctr=float(np.clip(ctr, 0.36, 0.52)), heart_shift_mm=float(np.clip(4 * z[7], -8, 8)), heart_rotation_deg=float(heart_rot),
-        aortic_unfolding_mm=float(max(0.0, 10 * old + 3 * z[9])),
-        mediastinum_factor=float(np.clip(1 + 0.08 * old + 0.004 * (bmi - 28) + 0.05 * z[10], 0.85, 1.3)),
+        aortic_unfolding_mm=float(max(0.0, 14 * old + 3 * z[9])),
+        mediastinum_factor=float(np.clip(1 + 0.12 * old + 0.004 * (bmi - 28) + 0.05 * z[10], 0.85, 1.35)),
         kyphosis_deg=float(np.clip(kyphosis, 10, 75)), scoliosis_mm=float(np.clip(scoliosis, -30, 30)),
         shoulder_raise_mm=float(10 * z[13]), scapula_out_mm=float(12 * z[14]),
         chest_wall_mm=float(np.clip(1.6 * (bmi - 22) + (6 if not female else 0) + 4 * z[15], 0, 60)),

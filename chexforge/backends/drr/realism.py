@@ -7,11 +7,14 @@ tests/test_drr_realism.py (a fast check that rendered normals stay inside the pu
 
 Two kinds of lung mask:
 - *projected*: what the backend records, every pixel whose ray crosses the lung (so the lung
-  behind the heart and the posterior recesses below the diaphragm dome are included);
-- *field*: the projected lung above the diaphragm, i.e. without the pixels whose ray also
-  crosses the upper abdomen (liver, spleen, stomach...). This is the lung field a reader outlines
-  on a radiograph (the v7labs masks in torchxrayvision are drawn this way, retrocardiac lung
-  included), and the lung height of radiographic morphometry (apex to dome) is measured on it.
+  behind the heart, the spine and the mediastinum and the posterior recesses below the diaphragm
+  dome are included);
+- *field*: the projected lung where nothing denser covers it: without the pixels whose ray also
+  crosses the upper abdomen (liver, spleen, stomach...) or the midline mediastinal shadow (airway,
+  oesophagus, great veins, aortic arch, vertebral bodies; `cover_slabs`). This is the lung field a reader outlines on a
+  radiograph (the v7labs masks in torchxrayvision are drawn this way: two lungs apart, the
+  midline shadow between them, the lung behind the heart included), and the lung height of radiographic morphometry (apex to
+  dome) is measured on it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from .project import MASK_MM, Slabs, project
 
 ABDOMEN = ("liver", "spleen", "stomach", "pancreas", "gallbladder", "duodenum", "small_bowel", "colon",
            "kidney_left", "kidney_right", "adrenal_gland_left", "adrenal_gland_right")
+# The midline shadow between the lung fields: airway, oesophagus, great veins and the aortic arch
+# (the aorta above the heart), and the vertebral bodies (see `cover_slabs`). The heart is not in
+# it: readers outline the lung behind it (retrocardiac lung), as the v7labs masks do.
+MEDIASTINUM = ("superior_vena_cava", "brachiocephalic_trunk", "brachiocephalic_vein_left", "brachiocephalic_vein_right",
+               "trachea", "esophagus")
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,29 @@ PUBLISHED = {
 }
 
 
-def abdomen_slabs(phantom) -> Slabs:
-    occ = torch.from_numpy(phantom.region(ABDOMEN).astype(np.float32))
-    return Slabs.from_xyz(occ, axis=1)
+def cover_slabs(phantom) -> Slabs:
+    """What covers the lung fields on a frontal film, as one occupancy volume along the frontal
+    beam: the upper abdomen, the midline mediastinal structures, the aortic arch and the
+    vertebral bodies (the part of each thoracic vertebra in front of the spinal cord: the
+    paraspinal lung overlies the transverse processes and stays in the field)."""
+    occ = phantom.region(ABDOMEN + MEDIASTINUM)
+    labels = phantom.labels.numpy()
+    heart = phantom.heart
+    if "aorta" in phantom.structures and heart.any():
+        top = np.nonzero(heart.any(axis=(0, 1)))[0].max()
+        arch = labels == phantom.structures["aorta"]
+        arch[:, :, : top + 1] = False
+        occ |= arch
+    spine = phantom.region(tuple(f"vertebrae_T{i}" for i in range(1, 13)))
+    if "spinal_cord" in phantom.structures and spine.any():
+        cord = labels == phantom.structures["spinal_cord"]
+        has = cord.any(axis=(0, 1))
+        y = np.arange(cord.shape[1])
+        cord_y = np.where(has, (cord.sum(0) * y[:, None]).sum(0) / np.maximum(cord.sum(axis=(0, 1)), 1), -1)
+        ahead = y[None, :, None] > cord_y[None, None, :] + 5.0 / phantom.spacing[1]
+        spine &= ahead & has[None, None, :]
+    occ |= spine
+    return Slabs.from_xyz(torch.from_numpy(occ.astype(np.float32)), axis=1)
 
 
 def geometry_from_meta(meta: dict) -> Geometry:
@@ -69,23 +97,28 @@ def geometry_from_meta(meta: dict) -> Geometry:
     return Geometry(**{f.name: tuple(g[f.name]) if isinstance(g[f.name], list) else g[f.name] for f in fields(Geometry)})
 
 
-def field_masks(scene, sample, abdomen: Slabs | None = None, projector: str = "joseph", backend=None,
+def field_masks(scene, sample, cover: Slabs | None = None, projector: str = "joseph", backend=None,
                 job: dict | None = None) -> dict[str, np.ndarray]:
-    """The projected lungs of `sample` above the diaphragm (largest piece per lung, holes filled).
+    """The lung fields of `sample`: its projected lungs where no abdomen or mediastinum covers
+    them (largest piece per lung, holes filled).
 
-    `scene`: the one `sample` was rendered on (`DRRBackend.scene_for(job)`); `abdomen` (from
-    `abdomen_slabs(scene.phantom)`) saves rebuilding the abdomen volume for each image of one CT;
+    `scene`: the one `sample` was rendered on (`DRRBackend.scene_for(job)`); `cover` (from
+    `cover_slabs(scene.phantom)`) saves rebuilding that volume for each image of one CT;
     `projector`: the backend's (DRROptions.projector), so both masks come from the same rays;
     `backend` and `job`: to project through the job's virtual patient (its deformation).
     """
-    if abdomen is None:
-        abdomen = abdomen_slabs(scene.phantom)
-    abdomen.data = abdomen.data.to(scene.device)
+    if cover is None:
+        cover = cover_slabs(scene.phantom)
+    cover.data = cover.data.to(scene.device)
     geom = geometry_from_meta(sample.meta)
     rays = backend.rays_for(job, scene, geom) if backend is not None and job is not None else scene.rays(geom)
-    below = (project(abdomen, *rays, projector=projector)[0].view(geom.size, geom.size) > MASK_MM)
-    below = below.cpu().numpy()
-    return {f"lung_{side}": largest(sample.masks[f"lung_{side}"] & ~below) for side in ("left", "right")}
+    covered = (project(cover, *rays, projector=projector)[0].view(geom.size, geom.size) > MASK_MM)
+    # A reader's outline follows the mediastinal border smoothly: bridge the intervertebral discs
+    # (unlabelled gaps of a few mm between vertebral bodies) by closing the cover over 2 cm vertically.
+    reach = max(1, int(round(20.0 / geom.pixel_mm / 2)))
+    covered = ndi.binary_closing(np.pad(covered.cpu().numpy(), ((reach, reach), (0, 0))),
+                                 structure=np.ones((2 * reach + 1, 1), bool))[reach:-reach]
+    return {f"lung_{side}": largest(sample.masks[f"lung_{side}"] & ~covered) for side in ("left", "right")}
 
 
 def largest(mask: np.ndarray) -> np.ndarray:

@@ -21,20 +21,21 @@ Means and spreads, and where they come from (docs/drr.md, "Virtual patients", li
   Med J 2017;27:201), i.e. /1.08 magnification at the patient;
 - thoracic depth/width ratio ~0.70, rising with age (the barrel chest of the elderly);
 - lung height apex → dome: 0.93 × the upright CT's (ct.UPRIGHT_HEIGHT_MM, from West Afr J Med
-  2007), ±9 % for the breath held, +9 % from 40 to 85 years (loss of elastic recoil flattens and
+  2007), ±9 % for the breath held, +12 % from 40 to 85 years (loss of elastic recoil flattens and
   lowers the diaphragm); the right dome higher than the left by about half an interspace,
   15 ± 10 mm (Felson's Principles of Chest Roentgenology);
 - cardiothoracic ratio: men 0.437, women 0.452 at 40 (so that all adults average the published
   0.462 and 0.472), SD 0.04, +0.012 per decade after 40 (see
   docs/drr.md for the sources), with a heart shift of 4 mm SD (at most 8) and a rotation of the
   cardiac axis of ±4° (more horizontal with age and body fat);
-- aortic knob: unfolding of the aorta moves the arch left and up with age, 0 → ~14 mm at 85,
-  and the upper mediastinum widens (+12 %);
+- aortic knob: unfolding of the aorta moves the arch left and up with age, 0 → ~20 mm at 85
+  (the knob's width grows from ~3 to ~4-4.5 cm), and the upper mediastinum widens (+18 %);
 - thoracic kyphosis: Cobb angle ~27° at 20-29 rising to ~40° at 70-79, women more (Fon, Pitt &
   Thies, AJR 1980;134:979); scoliosis: Cobb ≥ 10° in up to 68 % over 60 (Schwab et al., Spine
   2005;30:1082), mild below;
-- bone mineral density: peak at 20-30, then falling about 0.3 %/year in men and 0.5-1 %/year in
-  women after 50 (NHANES III femoral neck, Looker et al., Osteoporos Int 1998;8:468), SD ~12 %;
+- bone mineral density: peak at 20-30, then falling 0.25 %/year in men (0.55 %/year after 50) and
+  0.8 %/year in women after 50: about -24 % and -28 % at 85, as NHANES III's femoral neck
+  (Looker et al., Osteoporos Int 1998;8:468), SD ~12 %;
 - costal-cartilage calcification: rising with age from the twenties; marginal (upper and lower
   borders) in men, central in women (Navani, Shah & Levy, AJR 1970;108:771);
 - aortic-knob calcification: rising steeply after 50 (Iribarren et al., JAMA 2000;283:2810);
@@ -100,7 +101,7 @@ def draw_patient(sex: str | None, age: float | None, seed: int) -> Patient:
              + 0.04 * (stature - (161.3 if female else 175.3)))  # SD ~2.4 cm at the patient, as published
     depth_ratio = 0.68 + 0.06 * old + 0.002 * (bmi - 28) + 0.035 * z[3]
     # Films vary in the breath held (9-11 posterior ribs above the dome); the diaphragm descends with age.
-    lung_height = (0.93 + 0.09 * old) * (1 + 0.09 * z[4])
+    lung_height = (0.93 + 0.12 * old) * (1 + 0.09 * z[4])
     dome_step = 15 + 10 * z[5]
     ctr = (0.452 if female else 0.437) + 0.012 * max(0.0, age - 40) / 10 + 0.04 * z[6] + 0.002 * (bmi - 28)
     heart_rot = 4 * z[8] + 4 * old + 0.2 * (bmi - 28)
@@ -109,7 +110,7 @@ def draw_patient(sex: str | None, age: float | None, seed: int) -> Patient:
     curve = rng.random() < 0.08 + 0.5 * old
     scoliosis = (z[12] * (5 + 7 * old) if curve else 2.0 * z[12])
     # Bone density: women lose faster after the menopause.
-    loss = (0.008 if female else 0.003) * max(0.0, age - 50) + (0.002 * max(0.0, age - 30) if not female else 0.0)
+    loss = (0.008 if female else 0.003) * max(0.0, age - 50) + (0.0025 * max(0.0, age - 30) if not female else 0.0)
     bone = float(np.clip((1 - loss) * (1 + 0.12 * z[17]), 0.45, 1.4))
     cartilage = float(np.clip(((age - 20) / 60) ** 1.5 * np.exp(0.5 * z[18]), 0, 1)) if age > 20 else 0.0
     p_aortic = np.clip((age - 45) / 45, 0, 1) ** 1.5 * 0.6
@@ -121,8 +122,8 @@ def draw_patient(sex: str | None, age: float | None, seed: int) -> Patient:
         thorax_width_cm=float(width), depth_ratio=float(np.clip(depth_ratio, 0.55, 0.9)),
         lung_height_factor=float(np.clip(lung_height, 0.72, 1.25)), dome_step_mm=float(np.clip(dome_step, -15, 45)),
         ctr=float(np.clip(ctr, 0.36, 0.52)), heart_shift_mm=float(np.clip(4 * z[7], -8, 8)), heart_rotation_deg=float(heart_rot),
-        aortic_unfolding_mm=float(max(0.0, 14 * old + 3 * z[9])),
-        mediastinum_factor=float(np.clip(1 + 0.12 * old + 0.004 * (bmi - 28) + 0.05 * z[10], 0.85, 1.35)),
+        aortic_unfolding_mm=float(max(0.0, 20 * old + 3 * z[9])),
+        mediastinum_factor=float(np.clip(1 + 0.18 * old + 0.004 * (bmi - 28) + 0.05 * z[10], 0.85, 1.4)),
         kyphosis_deg=float(np.clip(kyphosis, 10, 75)), scoliosis_mm=float(np.clip(scoliosis, -30, 30)),
         shoulder_raise_mm=float(10 * z[13]), scapula_out_mm=float(12 * z[14]),
         chest_wall_mm=float(np.clip(1.6 * (bmi - 22) + (6 if not female else 0) + 4 * z[15], 0, 60)),

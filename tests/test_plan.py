@@ -160,9 +160,12 @@ def test_jobs_file_round_trip(tmp_path):
 def test_quickstart_plan_matches_its_cohorts():
     r = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     t = plan(r)
-    assert t.num_rows == 16
+    assert t.num_rows == 20
     eff = t.filter(pc.equal(t.column("cohort"), "effusion"))
     assert pc.all(pc.equal(eff.column("Effusion"), 1)).as_py()
+    study = t.filter(pc.equal(t.column("cohort"), "pa-lateral")).to_pandas()
+    assert list(study["view"]) == ["PA", "LL", "PA", "LL"] and study["patient_id"].nunique() == 2
+    assert len(set(t.column("patient_id").to_pylist())) == 18
 
 
 # ---- composition: one streaming tally behind the plan table, inspect, the card and the report ---------

@@ -135,7 +135,9 @@ def test_attempt_seeds_are_derived_and_distinct():
 
 
 def test_finding_visible_on_drr(drr64):
-    row = job(seed=5, size=64, **{"Nodule": 1, "Nodule.laterality": "right"})
+    # A large nodule on a patient where it projects over aerated lung (a nodule over the heart or
+    # a dome edge can even lower this contrast: the rule is a heuristic, QC's own tests pin it).
+    row = job(seed=6, size=64, **{"Nodule": 1, "Nodule.laterality": "right", "Nodule.severity": "large"})
     [sample] = drr64.generate([row])
     assert sample.error is None and sample.masks["Nodule"].any()
     findings = Q.requested_findings(row)
@@ -145,7 +147,7 @@ def test_finding_visible_on_drr(drr64):
     flat = np.full_like(sample.image, float(sample.image.mean()))
     assert Q.finding_visible(flat, sample.masks, findings) < 1e-6
     # The label without the lesion in the pixels: the image of the same patient with no nodule.
-    [clean] = drr64.generate([job(seed=5, size=64)])
+    [clean] = drr64.generate([job(seed=6, size=64)])
     assert Q.finding_visible(clean.image, sample.masks, findings) < visible
     assert Q.finding_visible(sample.image, {}, findings) == 0.0  # requested, no mask: fails
     assert Q.mask_area(sample.image, sample.masks, findings) > 0.001

@@ -172,6 +172,6 @@ def test_the_right_lung_is_the_larger(normals):
 
 
 @pytest.mark.xfail(strict=True, reason="DRR realism, open: the right lung field (above the projected liver dome) "
-                                       "is 47-52 % of the fields on virtual patients against 50-58 % published")
+                                       "is 40-48 % of the fields on virtual patients (midline shadow left out) against 50-58 % published")
 def test_right_lung_share_of_the_field_area_is_published(normals):
     _inside(normals, "right_share_of_field_area")

@@ -147,7 +147,7 @@ def sample_geometry(view: str, size: int, job: dict, phantom: Phantom, rng: np.r
         odd=max(60.0, v["odd"] + jitter(v["odd_sd"])),
         # A larger patient gets a larger field (collimated to the chest), so the lungs fit.
         # (and tall lungs a taller one: the costophrenic recesses stay on the film).
-        field_mm=FIELD_MM * max(1.0, scale[h], (hi[2] - lo[2]) * scale[2] / LUNGS_IN_FIELD_MM) * (1 + jitter(0.02)),
+        field_mm=FIELD_MM * max(1.0, scale[h], float(hi[2] - lo[2]) * scale[2] / LUNGS_IN_FIELD_MM) * (1 + jitter(0.02)),
         aim=(float((lo[h] + hi[h]) / 2 * scale[h]), float(((lo[2] + hi[2]) / 2 + 10.0) * scale[2])),
         angles_deg=(jitter(2.5), jitter(1.5), jitter(3.0)),
         shift_mm=(jitter(6.0), jitter(4.0), jitter(8.0)),

@@ -17,7 +17,8 @@ class DRROptions(BaseModel):
                                    "each job draws its patient from its seed; overrides `ct`")
     ct_cache: int = Field(4, ge=1, le=64, description="prepared CTs kept in memory per worker (a library's patients)")
     projector: Literal["joseph", "diffdrr"] = Field(
-        "joseph", description="joseph: batched slice-interpolating projector (fast); diffdrr: diffdrr's trilinear renderer (reference)")
+        "joseph", description="joseph: batched slice-interpolating projector (fast); diffdrr: diffdrr's trilinear renderer "
+        "(reference; it knows no deformation, so virtual patients are projected with joseph)")
     dose: float = Field(1.0, gt=0.05, le=20, description="relative exposure (1.0 = 0.1 mGy entrance air kerma); quantum noise scales as 1/sqrt(dose)")
     scatter: float = Field(0.5, ge=0, le=3, description="scatter-to-primary ratio behind the anti-scatter grid for 20 cm of water (legacy chain: everywhere)")
     blur_mm: float = Field(0.12, ge=0, le=3, description="detector blur: sigma (mm at the detector) of the MTF's Gaussian core")

@@ -38,6 +38,17 @@ def base(drr128):
     return render(drr128, seed=SEED), drr128.render(job(seed=SEED), noise_seed=SEED + 1000)
 
 
+# Every finding on three virtual patients: the job's own (SEED), a woman and an old man.
+PERSONS = [{}, {"patient_seed": 404, "sex": "F", "age": 45}, {"patient_seed": 505, "sex": "M", "age": 77}]
+
+
+@pytest.fixture(scope="module", params=PERSONS, ids=["seed-patient", "F45", "M77"])
+def person(request, drr128):
+    """A patient, its normal film and a second noise draw of it."""
+    kw = request.param
+    return kw, render(drr128, seed=SEED, **kw), drr128.render(job(seed=SEED, **kw), noise_seed=SEED + 1000)
+
+
 # (finding, attributes, expected sign of the change inside the mask, expected image side)
 CASES = [
     ("Enlarged Cardiomediastinum", {"Enlarged Cardiomediastinum.severity": "large"}, +1, "middle"),
@@ -61,9 +72,9 @@ CASES = [
 @pytest.mark.parametrize("name,attrs,sign,where", CASES,
                          ids=[f"{c[0]}-{'-'.join(v if isinstance(v, str) else '+'.join(v) for v in c[1].values())}"
                               for c in CASES])
-def test_finding_changes_the_image_where_its_mask_says(drr128, base, name, attrs, sign, where):
-    normal, other_noise = base
-    ill = render(drr128, seed=SEED, **{name: 1}, **attrs)
+def test_finding_changes_the_image_where_its_mask_says(drr128, person, name, attrs, sign, where):
+    kw, normal, other_noise = person
+    ill = render(drr128, seed=SEED, **kw, **{name: 1}, **attrs)
     mask = ill.masks[name]
     assert mask.any()
     diff = ill.image - normal.image  # same seed: same pose and noise, only the finding differs

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +151,34 @@ def requested_masks_written(out: Path, finding_masks: bool) -> list[dict]:
         assert labels <= findings and (not finding_masks or labels == findings), (row["cohort"], labels, findings)
         assert all(0 <= b["x0"] < b["x1"] <= 1 and 0 <= b["y0"] < b["y1"] <= 1 for b in row["realised_boxes"])
     return rows
+
+
+def assert_finding_shows(normal, other_noise, ill, name: str, sign: int, sigmas: float = 3.0) -> np.ndarray:
+    """The finding `name` changes `ill` against `normal` (same patient, pose and noise: only the
+    finding differs) inside its mask, by more than `sigmas` noise SDs (from `other_noise`, another
+    noise draw of `normal`), with the expected `sign` (denser = brighter, air = darker; 0: either,
+    measured as a magnitude, as a fracture's darker gap and brighter overlap may cancel), barely
+    anywhere far from it, and its boxes are exactly the mask's extent. Returns the mask."""
+    from scipy import ndimage as ndi
+
+    mask = ill.masks[name]
+    assert mask.sum() > 10
+    diff = ill.image - normal.image
+    sigma = float((normal.image - other_noise.image)[mask].std() / np.sqrt(2))
+    near = mask.copy()
+    if name == "Pneumothorax":  # the collapsed lung, denser, belongs to the finding too
+        near |= normal.masks["lung_left"] | normal.masks["lung_right"]
+    far = ~ndi.binary_dilation(near, iterations=12)
+    shift = float(np.median(diff[far]))  # the display's windowing may move everything a little
+    inside = float(diff[mask].mean()) - shift if sign else float(np.abs(diff[mask] - shift).mean())
+    assert abs(inside) > sigmas * sigma, (inside, sigma)
+    if sign:
+        assert np.sign(inside) == sign, inside
+    assert float(np.abs(diff[far] - shift).mean()) < abs(inside) / 4  # the rest barely moves
+    boxes = [b for b in ill.boxes if b["label"] == name]
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    assert min(b["x0"] for b in boxes) == pytest.approx(xs.min() / w)
+    assert max(b["x1"] for b in boxes) == pytest.approx((xs.max() + 1) / w)
+    assert max(b["y1"] for b in boxes) == pytest.approx((ys.max() + 1) / h)
+    return mask

@@ -15,11 +15,10 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from scipy import ndimage as ndi
 
 from chexforge.backends.drr.patient import Patient, draw_patient
 
-from .conftest import ROOT, job, required_tool, write
+from .conftest import ROOT, assert_finding_shows, job, required_tool, write
 
 N = 400  # draws per group
 
@@ -283,24 +282,9 @@ def test_findings_show_where_their_masks_say_on_several_people(drr128, normals, 
     normal, other_noise = normals(sex, age, ps)
     ill = drr128.render(job(seed=21, patient_seed=ps, sex=sex, age=age, **{name: 1}, **attrs), device_kinds=kinds)
     assert ill.meta["patient"] == normal.meta["patient"] and ill.meta["patient"]["sex"] == sex
-    mask = ill.masks[name]
-    assert mask.sum() > 10
-    diff = ill.image - normal.image  # same seed and patient: same person, pose and noise; only the finding differs
-    sigma = float((normal.image - other_noise.image)[mask].std() / np.sqrt(2))
-    near = mask.copy()
-    if name == "Pneumothorax":  # the collapsed lung, denser, belongs to the finding too
-        near |= lungs(normal)
-    far = ~ndi.binary_dilation(near, iterations=12)
-    shift = float(np.median(diff[far]))  # the display's windowing may move everything a little
-    inside = float(diff[mask].mean()) - shift
-    assert abs(inside) > 5 * sigma, (inside, sigma)
-    assert np.sign(inside) == sign, inside  # denser = brighter; air = darker
-    assert float(np.abs(diff[far] - shift).mean()) < abs(inside) / 4  # the rest barely moves
-    boxes = [b for b in ill.boxes if b["label"] == name]
+    mask = assert_finding_shows(normal, other_noise, ill, name, sign, sigmas=5.0)
     ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    assert min(b["x0"] for b in boxes) == pytest.approx(xs.min() / w)
-    assert max(b["y1"] for b in boxes) == pytest.approx((ys.max() + 1) / h)
+    w = mask.shape[1]
     # Laterality in image coordinates: the patient's left is on the image's right (PA).
     cols = xs / w
     if where == "left":

@@ -30,7 +30,7 @@ from .geometry import Geometry, canonical_geometry, sample_geometry
 from .library import LRU, Library
 from .options import DRROptions
 from .patient import Patient, draw_patient
-from .project import MASK_MM, Rays, Slabs, joseph, project
+from .project import MASK_MM, Rays, Slabs, project
 from .realism import row_span
 from .scene import ANATOMY, Scene, Scenes
 
@@ -151,21 +151,15 @@ class DRRBackend:
         scene's volume is shared by every job and never written)."""
         if not insertions:
             return 0.0
-        lo = np.min([ins.origin for ins in insertions], axis=0)
+        origin = tuple(int(v) for v in np.min([ins.origin for ins in insertions], axis=0))
         hi = np.max([np.add(ins.origin, ins.occupancy.shape) for ins in insertions], axis=0)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        box = tuple(slice(a, int(b)) for a, b in zip(origin, hi))
         before = tissue.xyz(0)[box]
         after = before.clone()
         for ins in insertions:
-            ins.apply(after, offset=tuple(int(v) for v in lo))
-        delta = Slabs.from_xyz((after - before)[None], axis=tissue.axis)
-        origin = tuple(int(v) for v in lo)
-        offset = torch.tensor(origin, dtype=rays.src_v.dtype, device=rays.src_v.device)
-        hit = rays_hitting(rays.src_v - offset, rays.tgt_v - offset, after.shape, margin=body.reach if body else 0.0)
-        out = torch.zeros(rays.tgt_v.shape[0], device=rays.tgt_v.device)
-        out[hit] = project(delta, rays.src_v - offset, rays.tgt_v[hit] - offset, rays.lengths[hit], rays.warp,
-                           self.options.projector, origin)[0]
-        return out
+            ins.apply(after, offset=origin)
+        return _project_box((after - before)[None], origin, rays, tissue.axis, body.reach if body else 0.0,
+                            self.options.projector)[0]
 
     def rays_for(self, job: dict[str, Any], scene: Scene, geom: Geometry) -> Rays:
         """The rays of `geom` through the job's patient on `scene` (its deformation included),
@@ -244,19 +238,27 @@ def patient_seed(job: dict[str, Any]) -> int:
     return int(value)
 
 
+def _project_box(volume: torch.Tensor, origin: tuple[int, int, int], rays: Rays, axis: int, reach: float,
+                 projector: str = "joseph") -> torch.Tensor:
+    """Line integrals (C, N) of a small (C, bx, by, bz) volume whose voxel 0 is the full volume's
+    `origin`, through the patient's deformation, projected only for the rays that can cross its
+    box (`reach`: how far the deformation may move it, voxels); 0 for the other rays."""
+    offset = torch.tensor(origin, dtype=rays.src_v.dtype, device=rays.src_v.device)
+    volume = volume.to(rays.src_v.device)
+    hit = rays_hitting(rays.src_v - offset, rays.tgt_v - offset, volume.shape[1:], margin=reach)
+    path = torch.zeros(volume.shape[0], rays.tgt_v.shape[0], device=rays.tgt_v.device)
+    path[:, hit] = project(Slabs.from_xyz(volume, axis=axis), rays.src_v - offset, rays.tgt_v[hit] - offset,
+                           rays.lengths[hit], rays.warp, projector, origin)
+    return path
+
+
 def _insertion_mask(ins: Insertion, rays: Rays, size: int, axis: int, reach: float = 0.0) -> torch.Tensor:
     """Project the finding's label alone (in its own small box) → its exact mask; rays that
     also cross its `beyond` volume (a pneumothorax's collapsed lung) are left out."""
-    src_v, tgt_v, lengths = rays.src_v, rays.tgt_v, rays.lengths
-    offset = torch.tensor(ins.origin, dtype=src_v.dtype, device=src_v.device)
-    volume = ins.mask_volume().to(src_v.device)
-    slabs = Slabs.from_xyz(volume, axis=axis)
-    hit = rays_hitting(src_v - offset, tgt_v - offset, volume.shape[1:], margin=reach)  # only rays that can cross its box
-    path = torch.zeros(volume.shape[0], tgt_v.shape[0], device=tgt_v.device)
-    path[:, hit] = joseph(slabs, src_v - offset, tgt_v[hit] - offset, lengths[hit], warp=rays.warp, origin=ins.origin)
+    path = _project_box(ins.mask_volume(), ins.origin, rays, axis, reach)
     path = path.view(-1, size, size) > MASK_MM
     mask = (path[0] & ~path[1] if len(path) > 1 else path[0]).cpu().numpy()
-    return torch.from_numpy(ndi.binary_fill_holes(mask) if ins.fill else mask).to(src_v.device)
+    return torch.from_numpy(ndi.binary_fill_holes(mask) if ins.fill else mask).to(rays.tgt_v.device)
 
 
 def _wanted_masks(job: dict[str, Any], masks: dict[str, torch.Tensor], lesions: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -26,7 +26,6 @@ class Body:
     warp: Warp
     framing: Framing  # size relative to the CT, lungs' height range
     tissue: Slabs  # attenuation (+ bone basis density): the scene's plus this patient's additions
-    additions: list[str]  # what was added (names), for tests and meta
     reach: float  # the largest in-plane displacement (voxels): boxes are tested with this margin
 
 
@@ -51,4 +50,4 @@ def make_body(patient: Patient, scene: Scene, with_vessels: bool) -> Body:
     reach = float(np.abs(field[others]).max()) + 1.0
     lo, hi = scene.phantom.lung_extent_mm
     framing = Framing(deform.body_scale(patient, lm), (float(lo[2]) - deform.dome_drop(patient, lm), float(hi[2])))
-    return Body(patient, warp, framing, volume, [a.name for a in adds], reach)
+    return Body(patient, warp, framing, volume, reach)

@@ -287,10 +287,17 @@ def _prepare(ct_path: Path, label_path: Path, structures: dict[str, int], level:
     labels = np.pad(labels, ((0, 0), (0, 0), (pad, pad)))
     hu, labels = upright(hu, labels, structures, spacing)
 
-    hu = np.clip(hu, -1000, 3000)
+    mu = attenuation(np.clip(hu, -1000, 3000))
+    return mu.astype(np.float32), labels, tuple(float(s) for s in spacing), vessel_ml
+
+
+def attenuation(hu: float | np.ndarray) -> float | np.ndarray:
+    """Attenuation (1/mm) of CT numbers at a radiograph's effective energy: water-like below 150 HU,
+    bone above it gaining BONE_GAIN for its stronger photoelectric absorption (module docstring)."""
+    hu = np.asarray(hu)
     mu = MU_WATER * (1 + hu / 1000)
     mu = np.where(hu > 150, MU_WATER * (1 + 0.15 + BONE_GAIN * (hu - 150) / 1000), mu)
-    return mu.astype(np.float32), labels, tuple(float(s) for s in spacing), vessel_ml
+    return mu if mu.ndim else float(mu)
 
 
 UPRIGHT_HEIGHT_MM = {"right": 190.0, "left": 205.0}  # lung apex to dome, upright, full inspiration

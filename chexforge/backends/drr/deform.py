@@ -296,13 +296,19 @@ def _spine(q: np.ndarray, p: Patient, lm: Landmarks) -> np.ndarray:
     return out
 
 
+def _cage(q: np.ndarray, lm: Landmarks):
+    """Per coarse-grid point (its level's rib cage, the grid's last axis): the cage's centre
+    (cx, cy), the offset (dx, dy) from it, the cage's elliptical radius rho there (1 on the cage)
+    and the soft-tissue band outside it (mm)."""
+    cx, cy, ax, ay, band = (lm.ribcage[:, i][None, None, :] for i in range(5))
+    dx, dy = q[..., 0] - cx, q[..., 1] - cy
+    return cx, cy, dx, dy, np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2), band
+
+
 def _outside_cage(q: np.ndarray, lm: Landmarks) -> np.ndarray:
     """0 inside the rib cage, rising to 1 a centimetre or two outside it: the shoulder girdle
     moves over the chest, never the lungs with it."""
-    rc = lm.ribcage
-    cx, cy, ax, ay = (rc[:, i][None, None, :] for i in range(4))
-    rho = np.sqrt(((q[..., 0] - cx) / ax) ** 2 + ((q[..., 1] - cy) / ay) ** 2)
-    return _smoothstep((rho - 1.0) / 0.12)
+    return _smoothstep((_cage(q, lm)[4] - 1.0) / 0.12)
 
 
 def _shoulders(q: np.ndarray, p: Patient, lm: Landmarks) -> np.ndarray:
@@ -320,12 +326,9 @@ def _chest_wall(q: np.ndarray, p: Patient, lm: Landmarks) -> np.ndarray:
     """Soft tissue outside the rib cage stretched radially (axial plane) by `t` mm; beyond the
     skin everything moves out by `t`."""
     t = p.chest_wall_mm - 12.0  # the CT's own chest wall is taken as 12 mm of it
-    rc = lm.ribcage  # (Gz, 5), indexed by the grid's z
-    cx, cy, ax, ay, band = (rc[:, i][None, None, :] for i in range(5))
-    dx, dy = q[..., 0] - cx, q[..., 1] - cy
+    cx, cy, dx, dy, rho, band = _cage(q, lm)
     r = np.sqrt(dx**2 + dy**2) + 1e-6
-    rho = np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2) + 1e-9
-    r_rib = r / rho
+    r_rib = r / (rho + 1e-9)
     e = r - r_rib
     t = max(t, -0.45 * float(np.min(band)))
     e_src = np.where(e <= 0, e, np.where(e < band + t, e * band / (band + t), e - t))

@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage as ndi
 
 from . import imaging
-from .ct import MU_WATER, Phantom
+from .ct import MU_WATER, Phantom, attenuation
 from .deform import Landmarks
 from .findings import Inserter
 from .patient import Patient
@@ -40,13 +40,6 @@ class Addition:
     origin: tuple[int, int, int]
     mu: torch.Tensor  # (bx, by, bz) attenuation added, 1/mm
     bone: torch.Tensor | None = None  # (bx, by, bz) bone basis density added, g/cm³
-
-
-def hu_mu(hu: float) -> float:
-    """Attenuation of a CT number, as ct.py converts them (bone gain above 150 HU)."""
-    if hu > 150:
-        return MU_WATER * (1.15 + 1.15 * (hu - 150) / 1000)
-    return MU_WATER * (1 + hu / 1000)
 
 
 def tight(add: Addition) -> Addition | None:
@@ -122,7 +115,7 @@ def _breast(p: Patient, lm: Landmarks, ph: Phantom, inserter: Inserter, side: st
     # Partial volume: the share of each voxel's depth [above ± half a voxel] inside [0, thickness].
     top = np.minimum(above + 0.5 * sp[1], thick[:, None, :])
     occ = np.clip((top - np.maximum(above - 0.5 * sp[1], 0)) / sp[1], 0, 1)
-    add = occ * np.clip(hu_mu(BREAST_HU) - ph.mu.numpy()[box], 0, None)  # only where the CT has air
+    add = occ * np.clip(attenuation(BREAST_HU) - ph.mu.numpy()[box], 0, None)  # only where the CT has air
     if not add.any():
         return None
     return Addition(f"breast_{side}", tuple(int(v) for v in lo), torch.from_numpy(add.astype(np.float32)))
@@ -147,8 +140,8 @@ def _calcium(region_mask: np.ndarray, pattern: np.ndarray, fraction: float, nois
     cut = np.quantile(noise[cand], 1 - np.clip(fraction, 0, 1))
     occ = (cand & (noise >= cut)).astype(np.float32)
     occ = np.clip(ndi.gaussian_filter(occ, 0.5), 0, 1) * region_mask  # soft edges, inside the structure
-    mu = occ * (hu_mu(CALCIUM_HU) - hu_mu(base_hu))
-    bone = imaging.bone_density(torch.from_numpy(np.full(1, hu_mu(CALCIUM_HU), np.float32))).item() * occ
+    mu = occ * (attenuation(CALCIUM_HU) - attenuation(base_hu))
+    bone = imaging.bone_density(torch.from_numpy(np.full(1, attenuation(CALCIUM_HU), np.float32))).item() * occ
     return mu.astype(np.float32), bone.astype(np.float32)
 
 
@@ -206,6 +199,6 @@ def vessel_trees(p: Patient, ph: Phantom, inserter: Inserter) -> list[Addition]:
         root = inserter.hilum(side) - np.array(lung.origin)
         grown = vessels.trees(lung.mask, root, ph.spacing, rng, ph.vessel_ml[side])  # an artery and a vein
         occ = vessels.rasterize(grown, lung.mask.shape, ph.spacing) * lung.mask
-        mu = occ * (hu_mu(BLOOD_HU) - hu_mu(PARENCHYMA_HU))
+        mu = occ * (attenuation(BLOOD_HU) - attenuation(PARENCHYMA_HU))
         out.append(Addition(f"vessels_{side}", lung.origin, torch.from_numpy(mu.astype(np.float32))))
     return out

@@ -197,17 +197,19 @@ class DRRBackend:
         return place_findings(scene.inserter, job, rng, ctr, device_kinds)
 
     def _frontal_ctr(self, scene: Scene, job: dict[str, Any], body: Body | None) -> float:
-        """The patient's cardiothoracic ratio on a canonical PA film of the job's size."""
+        """The patient's cardiothoracic ratio on a canonical PA film of the job's size, kept with
+        the patient's PA body (or the CT's PA scene without virtual patients), so it lives as long
+        as the patient is cached and never depends on which job measured it first."""
         size = int(job["size"])
-        key = (body.patient if body else None, size)
-        if key not in scene.frontal_ctr:
-            pa = self.scenes.get(scene.source, size, "PA")
-            pa_body = self.body_for(job, pa)
+        pa = self.scenes.get(scene.source, size, "PA")
+        pa_body = self.body_for(job, pa)
+        cache = pa_body.frontal_ctr if pa_body else pa.frontal_ctr
+        if size not in cache:
             geom = canonical_geometry("PA", size, pa.phantom, body=pa_body.framing if pa_body else None)
             rays = pa.rays(geom, pa_body.warp if pa_body else None)
             projected = self._project(pa.anatomy, rays).view(-1, size, size)
-            scene.frontal_ctr[key] = cardiothoracic_ratio(self._anatomy_masks(projected))
-        return scene.frontal_ctr[key]
+            cache[size] = cardiothoracic_ratio(self._anatomy_masks(projected))
+        return cache[size]
 
     def _finding_masks(self, scene: Scene, insertions: list[Insertion], rays: Rays, size: int,
                        masks: dict[str, torch.Tensor], body: Body | None) -> tuple[dict[str, torch.Tensor], list[dict], list[dict]]:

@@ -9,7 +9,7 @@ views of one study share their patient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +27,9 @@ class Body:
     framing: Framing  # size relative to the CT, lungs' height range
     tissue: Slabs  # attenuation (+ bone basis density): the scene's plus this patient's additions
     reach: float  # the largest in-plane displacement (voxels): boxes are tested with this margin
+    # Image size → the patient's cardiothoracic ratio on a canonical PA film (Cardiomegaly aims
+    # at it in every view of a study); filled on the patient's PA body.
+    frontal_ctr: dict[int, float] = field(default_factory=dict)
 
 
 def make_body(patient: Patient, scene: Scene, with_vessels: bool) -> Body:

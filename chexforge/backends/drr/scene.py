@@ -40,9 +40,9 @@ class Scene:
     anatomy: Slabs  # lung_left, lung_right, heart
     vox_from_patient: torch.Tensor
     source: str
-    # (patient, image size) → the patient's cardiothoracic ratio on a canonical PA film (for
-    # laterals), by size so that a job's ratio never depends on which job measured it first.
-    frontal_ctr: dict[tuple, float] = field(default_factory=dict)
+    # Image size → the CT's own person's cardiothoracic ratio on a canonical PA film (without
+    # virtual patients; a virtual patient's is kept on its Body).
+    frontal_ctr: dict[int, float] = field(default_factory=dict)
 
     @property
     def axis(self) -> int:

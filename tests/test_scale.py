@@ -279,7 +279,7 @@ def _interrupt(where, count=1):
     return pressed
 
 
-def test_ctrl_c_in_each_phase_of_a_run_in_process(tmp_path, monkeypatch):
+def test_ctrl_c_in_each_phase_of_a_run_in_process(tmp_path, monkeypatch, request):
     """Deterministic: SIGINT raised at a chosen point of an in-process run. While it prepares: it
     stops before its first batch. While a batch is made: that batch is finished and committed, no
     other is started. After its last batch: its end is committed and it is not interrupted. And the
@@ -290,6 +290,11 @@ def test_ctrl_c_in_each_phase_of_a_run_in_process(tmp_path, monkeypatch):
 
     r = parse_recipe(sim(tmp_path, n=12).read_text())
     jobs = plan(r)
+    # Python's own handler, as under a terminal: pytest started in the background of a shell
+    # without job control (a detached `make test`) inherits SIGINT ignored, and then a run rightly
+    # leaves it ignored and the presses below would reach nobody.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     before = signal.getsignal(signal.SIGINT)
 
     with monkeypatch.context() as m:  # while preparing (reading what the folder holds)

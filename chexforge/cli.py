@@ -302,8 +302,8 @@ def report(
 @app.command("eval")
 def eval_cmd(
     out: Path = typer.Argument(..., help="An output folder of `chexforge generate` (or a folder of images).", show_default=False),
-    reference: str | None = typer.Option(None, "--reference", help="Real images: a folder, a chexforge output folder, or a label CSV (with --image-root)."),
-    image_root: Path | None = typer.Option(None, "--image-root", help="Where a label CSV's image paths start (default: the CSV's folder)."),
+    reference: str | None = typer.Option(None, "--reference", help="Real images to compare with: a folder of images (PNG/JPEG/TIFF, searched recursively), another chexforge output folder, or a label CSV of CheXpert, MIMIC-CXR, NIH or PadChest (with --image-root). Optional: without it the metrics that need it say so."),
+    image_root: Path | None = typer.Option(None, "--image-root", help="Where a label CSV's image paths start (default: the CSV's folder), e.g. the folder that holds CheXpert-v1.0-small/."),
     features: str = typer.Option("auto", "--features", help="auto (xrv-densenet when its weights are on disk, else the feature metrics say why not) | xrv-densenet | raddino=DIR | inception | PATH | random (smoke runs only, not perceptual)."),
     dest: Path | None = typer.Option(None, "--out", help="Where metrics.json and nearest_pairs.png go (default OUT/report)."),
     size: int = typer.Option(224, "--size", min=32, help="Images are resized to SIZE×SIZE before feature extraction."),
@@ -317,8 +317,28 @@ def eval_cmd(
     det_model: Path | None = typer.Option(None, "--det-model", help="TorchScript with `classes`: → (N,K,5) (x0,y0,x1,y1,class) in [0,1]; box hit rate."),
     iou: float = typer.Option(0.3, "--iou", help="A realised box is hit by a predicted box of its label with IoU ≥ this."),
 ) -> None:
-    """Fidelity (FID, KID, precision/recall/density/coverage), diversity (MS-SSIM), memorization
-    and adherence of a generated set; writes metrics.json. Local models only: never downloads."""
+    """Measure a generated set; writes metrics.json (OUT/report/ by default) for `chexforge report`.
+
+    With no reference and no weights it measures what needs neither: composition against the
+    recipe (counts, sex, age, view, finding prevalence), laterality and severity requested vs
+    realised, box and mask sizes, finding co-occurrence, timing, and MS-SSIM / pixel correlation
+    within each cohort.
+
+    A reference (real images) adds fidelity (FID, KID, precision/recall/density/coverage) and the
+    memorization screen, given a feature extractor on disk (--features). Examples:
+
+      chexforge eval out/q --reference ~/data/real_pngs/
+
+      chexforge eval out/q --reference ~/data/CheXpert-v1.0-small/valid.csv --image-root ~/data
+
+      chexforge eval out/q --reference ~/data/Data_Entry_2017_v2020.csv --image-root ~/data/nih (NIH: found in its subfolders)
+
+      chexforge eval out/q --reference ~/data/mimic-cxr-jpg/files/p10 (MIMIC-CXR-JPG: a folder of images, no labels)
+
+      chexforge eval out/q --reference out/other-run
+
+    Every metric that cannot run says why and what it needs (a reference, or a model file by its
+    full name and folder). Local files only: never downloads. See docs/evaluate.md."""
     from .evaluate.run import EvalOptions, evaluate
     from .evaluate.summary import summary_table
 

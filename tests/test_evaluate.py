@@ -206,7 +206,9 @@ def test_cli_writes_metrics_json(tiny_out, tmp_path):
     assert f["available"] and f["fid"] == fidelity.fid(fr, fg) > 1e-3
     assert (f["kid_mean"], f["kid_std"]) == (kid_mean, kid_std)
     assert {k: f[k] for k in ("precision", "recall", "density", "coverage", "k")} == fidelity.prdc(fr, fg, 5)
-    assert f["per_finding_fid"] == {"available": False, "why": "the reference set has no finding labels (a plain folder of images)"}
+    assert f["per_finding_fid"]["available"] is False
+    assert f["per_finding_fid"]["why"] == "the reference set has no finding labels (a plain folder of images)"
+    assert "label CSV" in f["per_finding_fid"]["needs"]
     assert m["diversity"] == diversity.diversity(g.images, g.prompts, g.seeds, "prompt") and m["diversity"]["pairs"] == 12
     screened = memorization.screen(fr, fg, g.ids, r.ids, 0.95)
     assert m["memorization"]["flagged"] == screened["flagged"] and m["memorization"]["pairs"] == screened["pairs"]

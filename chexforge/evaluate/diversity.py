@@ -55,3 +55,50 @@ def diversity(images: np.ndarray, groups: list[str] | None, seeds: list[int] | N
     v = ms_ssim_pairs(images, pairs)
     return {"available": True, "ms_ssim_mean": float(v.mean()), "ms_ssim_std": float(v.std()),
             "pairs": len(pairs), "groups": len({groups[a] for a, _ in pairs}), "by": by}
+
+
+def pixel_correlation_pairs(images: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Pearson correlation of the two images' pixels, per pair (1 = the same picture up to
+    brightness and contrast; 0 for a flat image, which has no pattern to share)."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1)
+    out = np.zeros(len(pairs))
+    for k, (a, b) in enumerate(pairs):
+        d = norm[a] * norm[b]
+        out[k] = float(x[a] @ x[b] / d) if d > 0 else 0.0
+    return out
+
+
+def per_cohort(images: np.ndarray, cohorts: list[str] | None, seeds: list[int] | None,
+               max_pairs: int = 300) -> dict:
+    """Pixel-space diversity within each cohort, with no model: mean pairwise MS-SSIM and pixel
+    correlation over pairs of images of one cohort made from different seeds (at most `max_pairs`
+    a cohort, evenly spaced). Lower is more diverse. A cohort is one recipe entry, so its images
+    share findings and demographics by design; pairs of the same seed are left out (a study's
+    views can share none anyway). `overall` averages the pairs of all cohorts."""
+    if cohorts is None:
+        return {"available": False, "why": "the generated set has no cohort per image (not a chexforge output folder)",
+                "needs": "a chexforge output folder (its manifest names each image's cohort)"}
+    out: dict[str, dict] = {}
+    all_ssim, all_corr = [], []
+    for cohort in dict.fromkeys(cohorts):
+        idx = [i for i, c in enumerate(cohorts) if c == cohort]
+        local = group_pairs(["x"] * len(idx), [seeds[i] for i in idx] if seeds is not None else None, max_pairs)
+        pairs = [(idx[a], idx[b]) for a, b in local]
+        if not pairs:
+            out[cohort] = {"available": False, "images": len(idx),
+                           "why": "fewer than two images with different seeds in this cohort"}
+            continue
+        s, c = ms_ssim_pairs(images, pairs), pixel_correlation_pairs(images, pairs)
+        all_ssim.append(s)
+        all_corr.append(c)
+        out[cohort] = {"available": True, "images": len(idx), "pairs": len(pairs),
+                       "ms_ssim_mean": float(s.mean()), "ms_ssim_std": float(s.std()),
+                       "pixel_corr_mean": float(c.mean()), "pixel_corr_std": float(c.std())}
+    if not all_ssim:
+        return {"available": False, "why": "no cohort has two images made from different seeds",
+                "needs": "at least two images in a cohort", "per_cohort": out}
+    s, c = np.concatenate(all_ssim), np.concatenate(all_corr)
+    return {"available": True, "ms_ssim_mean": float(s.mean()), "pixel_corr_mean": float(c.mean()),
+            "pairs": int(len(s)), "per_cohort": out}

@@ -90,12 +90,36 @@ def _from_csv(path: Path, size: int, image_root: str | Path | None, limit: int |
 
     df = read_labels(path)
     root = Path(image_root) if image_root is not None else path.parent
-    exists = np.array([(root / p).is_file() for p in df["image"]])
+    if not root.is_dir():
+        raise UserError("--image-root: no such folder (where the label file's image paths start)", root)
+    found = resolve_images(root, df["image"].astype(str).tolist())
+    exists = np.array([f is not None for f in found])
     if not exists.any():
-        raise UserError(f"none of the {len(df)} images the label file names is under {root} (give --image-root)", path)
+        raise UserError(f"none of the {len(df)} images the label file names is under {root} (give --image-root: "
+                        "the folder its image paths start from)", path)
     notes = [f"{int((~exists).sum())} of {len(df)} listed images are missing under {root}; skipped"] if not exists.all() else []
+    files = [f for f in found if f is not None]
     df = df[exists].reset_index(drop=True)
-    df = df.iloc[_pick(len(df), limit)].reset_index(drop=True)
-    images = np.stack([read_gray(root / p, size) for p in df["image"]])
+    keep = _pick(len(df), limit)
+    df = df.iloc[keep].reset_index(drop=True)
+    images = np.stack([read_gray(files[i], size) for i in keep])
     labels = df[list(FINDING_NAMES)].astype(float)  # NaN (unknown) stays NaN
     return ImageSet(str(path), "csv", images, df["image"].astype(str).tolist(), labels, notes=notes)
+
+
+def resolve_images(root: Path, names: list[str]) -> list[Path | None]:
+    """Each listed image's file under `root`: the path as written (CheXpert's Path column, from
+    the folder that holds CheXpert-v1.0-small/), else a file of that name, or of that stem with an
+    image suffix, anywhere below `root`. The second lookup serves releases that list bare file names
+    but store them in subfolders: NIH ChestX-ray14 (images_001/images/…png) and PadChest (0/…54/).
+    The folder is walked once, only when some name is not found as written."""
+    direct = [root / n for n in names]
+    out: list[Path | None] = [p if p.is_file() else None for p in direct]
+    if all(p is not None for p in out):
+        return out
+    index: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in SUFFIXES and p.is_file():
+            index.setdefault(p.name, p)  # the first of any duplicate name, in sorted order
+            index.setdefault(p.stem, p)
+    return [p if p is not None else index.get(Path(n).name) or index.get(n) for p, n in zip(out, names)]

@@ -24,6 +24,14 @@ AGE_BINS: tuple[tuple[str, int, int], ...] = (
 )
 PANELS = ("findings", "sex", "age", "view")
 PANEL_TITLES = {"findings": "finding prevalence", "sex": "sex", "age": "age (years)", "view": "view"}
+ORDER = {"findings": list(FINDING_NAMES), "sex": list(SEXES), "view": list(VIEWS), "age": [b[0] for b in AGE_BINS]}
+
+
+def ordered(panel: str, keys: Iterable[str]) -> list[str]:
+    """The categories of a panel in vocabulary order, any unexpected ones after, sorted."""
+    keys = list(dict.fromkeys(keys))
+    known = [k for k in ORDER[panel] if k in keys]
+    return known + sorted(k for k in keys if k not in ORDER[panel])
 
 
 def age_bin(age: int) -> str | None:
@@ -90,12 +98,10 @@ def composition(cohort: Cohort | None, tally: CohortTally) -> dict[str, list[tup
     categories either side mentions, in vocabulary order."""
     want = requested(cohort) if cohort is not None else {p: None for p in PANELS}
     got = realised(tally)
-    order = {"findings": list(FINDING_NAMES), "sex": list(SEXES), "view": list(VIEWS), "age": [b[0] for b in AGE_BINS]}
     out: dict[str, list[tuple[str, float | None, float]]] = {}
     for panel in PANELS:
         w, g = want.get(panel), got.get(panel, {})
-        keys = [k for k in order[panel] if (w and w.get(k, 0) > 0) or g.get(k, 0) > 0]
-        keys += sorted(k for k in g if k not in order[panel] and g[k] > 0)  # anything unexpected, after
+        keys = ordered(panel, [k for k in [*(w or {}), *g] if (w and w.get(k, 0) > 0) or g.get(k, 0) > 0])
         out[panel] = [(k, None if w is None else float(w.get(k, 0.0)), float(g.get(k, 0.0))) for k in keys]
     return out
 

@@ -480,34 +480,11 @@ LABELS_HELP = "Label file: CheXpert train.csv, MIMIC-CXR *-chexpert.csv, NIH Dat
 
 
 def _print_audit(report: dict, after: dict | None = None, title: str = "audit", prefer: tuple[str, ...] = ()) -> None:
-    from .balance.audit import group_label
+    from .balance.table import audit_table
 
-    # The most prevalent findings (a terminal has room for a few); the JSON has them all.
-    overall = {f: sum(g["positives"][f] for g in report["groups"]) for f in report["findings"]}
-    room = max(1, (out_console.width - 44) // 16)
-    findings = sorted(overall, key=lambda f: (f not in prefer, -overall[f]))[:min(5, room)]
-    t = Table("group", "images", "vs largest", *[f"{f} %" for f in findings], title=title)
-    after_rows = {group_label(g["group"]): g for g in (after or {}).get("groups", [])}
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    for g in report["groups"]:
-        label = group_label(g["group"]).replace(" · ", "·")
-        n, ratio = str(g["n"]), f"{g['size_ratio']:.2f}"
-        prev = [pct(g["prevalence"][f]) for f in findings]
-        if after and group_label(g["group"]) in after_rows:
-            a = after_rows[group_label(g["group"])]
-            n += f"→{a['n']}"
-            ratio += f"→{a['size_ratio']:.2f}"
-            prev = [p + "→" + pct(a["prevalence"][f]) for p, f in zip(prev, findings)]
-        t.add_row(label, n, ratio, *prev)
-    out_console.print(t)
-    imb = report.get("imbalance", {})
-    if imb:
-        line = f"smallest group / largest: {imb['size_min_over_max']:.2f}"
-        if after and after.get("imbalance"):
-            line += f" → {after['imbalance']['size_min_over_max']:.2f}"
+    table, lines = audit_table(report, after, title, prefer, out_console.width)
+    out_console.print(table)
+    for line in lines:
         out_console.print(line)
 
 
@@ -548,6 +525,7 @@ def balance_cmd(
     age_bins: str | None = typer.Option(None, "--age-bins", help="Bin edges in years (default 0,18,40,60,80)."),
     uncertain: str = typer.Option("negative", "--uncertain", help="Uncertain (-1) labels count as: negative, positive, or ignore."),
     frontal_only: bool = typer.Option(True, "--frontal-only/--all-views", help="Balance frontal (PA/AP) images only (the default)."),
+    prevalence: str = typer.Option("group", "--prevalence", help="Findings of each group's top-up: group (its own real prevalence, so it stays as it was) or pooled (all groups' prevalence; moves each group toward it)."),
     metadata: Path | None = typer.Option(None, "--metadata", help="MIMIC-CXR metadata CSV."),
     patients: Path | None = typer.Option(None, "--patients", help="MIMIC-IV patients.csv."),
     admissions: Path | None = typer.Option(None, "--admissions", help="MIMIC-IV admissions.csv."),
@@ -571,7 +549,7 @@ def balance_cmd(
     source = LabelSource(labels, fmt, uncertain, frontal_only, metadata, patients, admissions)
     r = balance_labels(source, out, by=by, target=target, reference=reference, per_finding=per_finding,
                        findings=findings, min_per_cell=min_per_cell, budget=budget, age_bins=age_bins,
-                       backend=backend, model=model, size=size, seed=seed, report=report)
+                       backend=backend, model=model, size=size, seed=seed, report=report, prevalence=prevalence)
     _print_audit(r.before, r.after, title=f"{labels}: {r.real} real images + {r.synthetic} synthetic (before → after)",
                  prefer=backend_info(backend).findings)
     for note in r.notes:

@@ -282,6 +282,102 @@ def test_balance_leaves_out_ages_the_backend_cannot_make(tmp_path):
     assert cohort.demographics.age.bounds() == (18, 70)
 
 
+def test_topup_keeps_each_groups_prevalence_and_pooled_moves_it():
+    """Parity top-ups carry each group's own prevalence by default, so a group's prevalence after
+    equals the one before; `prevalence="pooled"` (the old behaviour) gives every top-up the pooled
+    prevalence (0.286 here) and pulls each group toward it."""
+    df = table(KNOWN)  # Effusion: F 40-59 0.20, F 60-79 0.375, M 40-59 0.167, M 60-79 0.40
+    before = {tuple(g["group"].values()): g["prevalence"]["Effusion"] for g in audit(df, ["sex", "age"])["groups"]}
+    _, after = after_audit(df, BalanceSpec(by=["sex", "age"]))
+    kept = {tuple(g["group"].values()): g["prevalence"]["Effusion"] for g in after["groups"]}
+    for group, p in before.items():
+        assert kept[group] == pytest.approx(p, abs=0.02), group  # 70 of 120 images synthetic in F 40-59
+    _, pooled = after_audit(df, BalanceSpec(by=["sex", "age"], prevalence="pooled"))
+    moved = {tuple(g["group"].values()): g["prevalence"]["Effusion"] for g in pooled["groups"]}
+    assert moved[("F", "40-59")] > before[("F", "40-59")] + 0.04  # 0.20 pulled up toward 0.286
+    assert moved[("M", "40-59")] == pytest.approx(before[("M", "40-59")])  # the largest group gets no top-up
+
+
+def young_and_unknown(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` plus 7 children and 2 adults of unknown sex (one of them also of unknown age)."""
+    extra = df.iloc[:9].copy()
+    extra["image"] = [f"x{i}" for i in range(9)]
+    extra["age"] = [5.0] * 7 + [50.0, np.nan]
+    extra["sex"] = ["F"] * 7 + [None, None]
+    extra["Effusion"] = [1.0] * 3 + [0.0] * 6
+    return pd.concat([df, extra], ignore_index=True)
+
+
+def test_excluded_rows_are_counted_with_their_reason_in_the_printed_table():
+    from rich.console import Console
+
+    from chexforge.balance.table import audit_table
+
+    df = young_and_unknown(table(KNOWN))
+    rep = audit(df, ["sex", "age"])
+    excluded = {e["label"]: e for e in rep["excluded"]}
+    assert {k: e["n"] for k, e in excluded.items()} == {"under 18": 7, "sex unknown": 1, "sex unknown, age unknown": 1}
+    assert sum(e["n"] for e in rep["excluded"]) == rep["excluded_unknown_group"] == 9
+    assert excluded["under 18"]["prevalence"]["Effusion"] == pytest.approx(3 / 7)
+    console = Console(record=True, width=200)
+    console.print(audit_table(rep, title="t", room=200)[0])
+    text = console.export_text()
+    assert "under 18 (excluded)" in text and "younger than the first age bin (18-39)" in text
+    assert "--age-bins 0,18,40,60,80 makes them a group" in text and "42.9" in text  # their prevalence is shown
+    assert "sex unknown (excluded)" in text and "not recorded in the label file" in text
+    # After a balance the rows stay as they were and the note says they are not topped up.
+    after = dict(rep, left_out={"under 18": "not in the top-up (the drr backend makes ages 18 and up)"})
+    console = Console(record=True, width=200)
+    console.print(audit_table(rep, after, room=200)[0])
+    text = console.export_text()
+    assert "7→7" in text and "backend makes ages 18 and up" in text  # (the note column wraps)
+
+
+def test_audit_and_balance_tables_say_which_views_they_count(tmp_path):
+    """`audit` reads every view, `balance` frontal views only: each table's caption gives the
+    filter and both counts, so the two "before" columns can be reconciled."""
+    from rich.console import Console
+
+    from chexforge.balance import LabelSource, audit_labels, balance_labels
+    from chexforge.balance.table import audit_table
+
+    labels = put(tmp_path, "train.csv", CHEXPERT)  # 3 frontal (2 AP, 1 PA) and 1 lateral
+    a = audit_labels(str(labels), by="sex")
+    b = balance_labels(LabelSource(str(labels), frontal_only=True), tmp_path / "b.yaml", by="sex")
+    assert a.images == 4 and b.real == 3 and b.before["source"] == {**a.report["source"], "filter":
+                                                                     "frontal views only (PA, AP)", "kept": 3}
+
+    def caption(report, after=None):
+        console = Console(record=True, width=200)
+        console.print(audit_table(report, after, room=200)[0])
+        return console.export_text()
+
+    assert "all views: 4 rows (AP 2, LL 1, PA 1); `chexforge balance` keeps frontal views only (PA, AP: 3 rows)" \
+        in caption(a.report)
+    assert "frontal views only (PA, AP): 3 of 4 rows" in caption(b.before, b.after)
+
+
+def test_before_and_after_heatmaps_share_one_scale_and_show_the_numbers():
+    import matplotlib.pyplot as plt
+
+    from chexforge.balance.chart import audit_figure
+
+    df = young_and_unknown(table(KNOWN))
+    _, after = after_audit(df, BalanceSpec(by=["sex", "age"], prevalence="pooled"))
+    before = audit(df, ["sex", "age"])
+    fig = audit_figure(before, after)
+    try:
+        heat = [ax for ax in fig.axes if ax.images]
+        assert len(heat) == 2 and heat[0].images[0].get_clim() == heat[1].images[1 - 1].get_clim()
+        top = max(g["prevalence"][f] or 0 for rep in (before, after) for g in rep["groups"] for f in before["findings"])
+        assert heat[0].images[0].get_clim() == (0, pytest.approx(top))  # the highest of either panel
+        cells = [t.get_text() for t in heat[0].texts]
+        assert len(cells) == len(before["groups"]) * len(before["findings"]) and "37.5" in cells  # F 60-79 Effusion
+        assert "under 18 7" in " ".join(t.get_text() for t in fig.texts)
+    finally:
+        plt.close(fig)
+
+
 # ---- priors ---------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import atomic
+from ..contracts.backends import backend_info
 from ..contracts.vocabulary import ALIASES, FINDING_NAMES
 from ..errors import UserError
 from ..labels.groups import check_by, parse_age_bins
@@ -29,6 +30,8 @@ from ..recipe import load_recipe
 from .audit import audit
 from .chart import audit_chart
 from .topup import BalanceSpec, allocate, jobs_to_tidy, read_reference, topup_recipe
+
+FRONTAL = ("PA", "AP")  # the views --frontal-only keeps (balance's default)
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,20 @@ class LabelSource:
     admissions: Path | None = None  # MIMIC-IV: race
 
     def read(self) -> pd.DataFrame:
+        return self.read_counted()[0]
+
+    def read_counted(self) -> tuple[pd.DataFrame, dict]:
+        """The rows, and what was read before the view filter (`rows`, `views`, `filter`, `kept`),
+        so a table can say why `audit` and `balance` (frontal views only by default) count
+        different images of the same file."""
         df = read_labels(self.labels, self.fmt, self.uncertain, self.metadata, self.patients, self.admissions)
-        return df[df["view"].isin(["PA", "AP"])].reset_index(drop=True) if self.frontal_only else df
+        views = df["view"].fillna("unknown").astype(str).value_counts()
+        info = {"rows": int(len(df)), "views": {str(k): int(v) for k, v in views.items()}, "filter": None,
+                "kept": int(len(df))}
+        if self.frontal_only:
+            df = df[df["view"].isin(FRONTAL)].reset_index(drop=True)
+            info.update(filter="frontal views only (PA, AP)", kept=int(len(df)))
+        return df, info
 
 
 @dataclass
@@ -59,8 +74,9 @@ def audit_labels(source: LabelSource | str, by: list[str] | str = ("sex", "age")
                  out: Path | None = None) -> AuditResult:
     """Group sizes and finding prevalence per group; with `out`, also audit.json and audit.png there."""
     source = LabelSource(source) if isinstance(source, str) else source
-    df = source.read()
+    df, read = source.read_counted()
     report = audit(df, _by(by), age_bins=parse_age_bins(age_bins))
+    report["source"] = read
     files = []
     if out is not None:
         out = Path(out)
@@ -81,15 +97,21 @@ class BalanceResult:
     after: dict  # audit of real + planned synthetic images
     report_dir: Path  # audit_before.json, audit_after.json, audit.png
     notes: list[str] = field(default_factory=list)  # what the allocation could not do as asked
+    left_out: dict[str, str] = field(default_factory=dict)  # group label → why it gets no top-up
 
 
 def balance_labels(source: LabelSource | str, out: Path | str = "balance.yaml", *, by: list[str] | str = ("sex", "age"),
                    target: str = "parity", reference: Path | None = None, per_finding: bool = False,
                    findings: list[str] | str | None = None, min_per_cell: int = 0, budget: int | None = None,
                    age_bins: str | None = None, backend: str = "drr", model: Path | None = None, size: int = 256,
-                   seed: int = 0, report: Path | None = None) -> BalanceResult:
+                   seed: int = 0, report: Path | None = None, prevalence: str = "group") -> BalanceResult:
     """Write the recipe whose synthetic images bring `source`'s groups to `target` (parity or the
-    mix of `reference`), and the before/after audits and chart (default: next to the recipe)."""
+    mix of `reference`), and the before/after audits and chart (default: next to the recipe).
+
+    `prevalence`: "group" (default) gives each group's top-up that group's own real prevalence of
+    each finding, so its prevalence after equals the one before within sampling error; "pooled"
+    gives every top-up the prevalence of all groups together (the groups' prevalences move toward
+    it)."""
     source = LabelSource(source, frontal_only=True) if isinstance(source, str) else source
     out = Path(out)
     by_vars = _by(by)
@@ -97,10 +119,12 @@ def balance_labels(source: LabelSource | str, out: Path | str = "balance.yaml", 
         raise UserError(f"--target takes parity or reference, not {target!r}")
     bins = parse_age_bins(age_bins)
     chosen = _findings(findings)
-    df = source.read()
+    if prevalence not in ("group", "pooled"):
+        raise UserError(f"--prevalence takes group or pooled, not {prevalence!r}")
+    df, read = source.read_counted()
     spec = BalanceSpec(by=by_vars, target=target, per_finding=per_finding, findings=chosen, min_per_cell=min_per_cell,
                        budget=budget, backend=backend, model=Path(model).resolve() if model else None, size=size,
-                       seed=seed, age_bins=bins, name=_recipe_name(out))
+                       seed=seed, age_bins=bins, name=_recipe_name(out), prevalence=prevalence)
     if target == "reference":
         if reference is None:
             raise UserError("--target reference needs --reference FILE")
@@ -110,14 +134,23 @@ def balance_labels(source: LabelSource | str, out: Path | str = "balance.yaml", 
     atomic.write_text(out, text)
     added = sum(c["count"] for c in recipe["cohorts"])
     before = audit(df, by_vars, chosen, bins)
+    before["source"] = read
     synthetic = jobs_to_tidy(plan(load_recipe(out))) if added else df.iloc[0:0]
     after = audit(pd.concat([df, synthetic], ignore_index=True), by_vars, before["findings"], bins)
+    after["source"] = read
+    after["left_out"] = dict(spec.left_out)
+    lowest = backend_info(backend).ages[0]
+    for e in before["excluded"]:  # rows in no group get no top-up; say also when the backend could not make them
+        young = e["label"].startswith(f"under {bins[0]}") and lowest >= bins[0]
+        after["left_out"][e["label"]] = ("not in the top-up" + (f" (the {backend} backend makes ages {lowest} and up)"
+                                                                if young else ""))
     folder = Path(report) if report is not None else out.parent / (out.stem + "_report")
     atomic.write_text(folder / "audit_before.json", json.dumps(before, indent=1))
     atomic.write_text(folder / "audit_after.json", json.dumps(after, indent=1))
     by_text = ",".join(by_vars)
     atomic.write_bytes(folder / "audit.png", audit_chart(before, after, title=f"{source.labels}: balanced by {by_text}"))
-    return BalanceResult(out, added, len(recipe["cohorts"]), len(df), len(synthetic), before, after, folder, spec.notes)
+    return BalanceResult(out, added, len(recipe["cohorts"]), len(df), len(synthetic), before, after, folder, spec.notes,
+                         spec.left_out)
 
 
 def _by(by: list[str] | tuple[str, ...] | str) -> list[str]:

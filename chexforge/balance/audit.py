@@ -51,6 +51,7 @@ def audit(df: pd.DataFrame, by: list[str], findings: list[str] | None = None,
         "by": by,
         "age_bins": age_labels(age_bins),
         "excluded_unknown_group": int(len(grouped) - len(grouped.dropna(subset=by))),
+        "excluded": excluded(grouped, by, findings, age_bins),
         "findings": findings,
         "groups": _rows(inter, by, findings),
         "marginals": {v: _rows(group_table(grouped, [v], findings), [v], findings)
@@ -66,6 +67,40 @@ def audit(df: pd.DataFrame, by: list[str], findings: list[str] | None = None,
                                       "min_over_max": float(prev.min() / prev.max()) if prev.max() > 0 else None,
                                       "positives_min": int(inter[f"pos:{f}"].min()), "positives_max": int(inter[f"pos:{f}"].max())}
     return report
+
+
+def excluded(grouped: pd.DataFrame, by: list[str], findings: list[str], age_bins: tuple[int, ...] = DEFAULT_AGE_BINS) -> list[dict]:
+    """The rows that fall in no group of `by`, counted by why: younger than the first age bin,
+    or a grouping variable unknown. A row missing two things is counted once, under both named
+    ("under 18, sex unknown"), so the counts add up to `excluded_unknown_group`. Each entry also
+    gives the finding positives and prevalence of those rows, so a table can show them beside
+    the groups instead of dropping them silently."""
+    reasons = pd.Series("", index=grouped.index, dtype=object)
+    for v in by:
+        if v == "age":
+            young = grouped["age"].isna() & grouped["age_years"].notna() & (grouped["age_years"] < age_bins[0])
+            why = pd.Series(None, index=grouped.index, dtype=object)
+            why[young] = f"under {age_bins[0]}"
+            why[grouped["age"].isna() & grouped["age_years"].isna()] = "age unknown"
+        else:
+            why = pd.Series(None, index=grouped.index, dtype=object)
+            why[grouped[v].isna()] = f"{v} unknown"
+        hit = why.notna()
+        reasons[hit] = reasons[hit].str.cat(why[hit], sep=", ").str.lstrip(", ")
+    out = []
+    for label, rows in grouped[reasons != ""].groupby(reasons[reasons != ""], sort=True):
+        out.append({"label": str(label), "n": int(len(rows)), "explanation": _why(str(label), age_bins),
+                    "positives": {f: int(rows[f].fillna(0).sum()) for f in findings},
+                    "prevalence": {f: (None if rows[f].notna().sum() == 0 else float(rows[f].mean())) for f in findings}})
+    return sorted(out, key=lambda e: -e["n"])
+
+
+def _why(label: str, age_bins: tuple[int, ...]) -> str:
+    if label.startswith(f"under {age_bins[0]}"):
+        lower = "0," + ",".join(str(e) for e in age_bins) if age_bins[0] > 0 else ""
+        return (f"younger than the first age bin ({age_labels(age_bins)[0]})"
+                + (f"; --age-bins {lower} makes them a group" if lower else ""))
+    return "not recorded in the label file"
 
 
 def _rows(table: pd.DataFrame, by: list[str], findings: list[str]) -> list[dict]:

@@ -13,7 +13,11 @@ raises every group (× finding) to at least that many.
 
 The recipe has one cohort per group (× finding) with the group's demographics fixed and the
 exact count; the rest of each cohort's demographics and its findings follow the real data
-(restricted to what the chosen backend renders; the report lists what it cannot).
+(restricted to what the chosen backend renders; the report lists what it cannot). Findings
+follow the group's own real prevalence (`prevalence="group"`, the default), so topping a group up
+leaves its prevalence where it was; `prevalence="pooled"` gives every cohort the prevalence of all
+groups together, which moves each group toward the pooled mix (useful only to make the groups'
+prevalences alike, knowing that it changes what each group looks like).
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ class BalanceSpec:
     seed: int = 0
     age_bins: tuple[int, ...] = DEFAULT_AGE_BINS
     name: str = "balance"
+    prevalence: str = "group"  # group: each cohort carries its group's own prevalence; pooled: the overall one
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # group label ("F · 0-17") → why it gets no top-up
 
 
 def fill(counts: np.ndarray, targets: np.ndarray, budget: int | None, weights: np.ndarray | None = None) -> np.ndarray:
@@ -163,7 +169,8 @@ def topup_recipe(df: pd.DataFrame, alloc: pd.DataFrame, spec: BalanceSpec, sourc
                               "those cells are left out of the recipe")
         alloc = alloc[alloc["finding"].isin(info.findings)]
     elif skipped:
-        spec.notes.append(f"synthetic images carry the real prevalence of {', '.join(renderable) or 'no finding'}; "
+        whose = "each group's own" if spec.prevalence == "group" else "the pooled (all groups')"
+        spec.notes.append(f"synthetic images carry {whose} real prevalence of {', '.join(renderable) or 'no finding'}; "
                           f"the {spec.backend} backend cannot render {', '.join(skipped)}")
     cohorts, too_young, names = [], {}, set()
     for row in alloc[alloc["add"] > 0].to_dict("records"):
@@ -175,13 +182,24 @@ def topup_recipe(df: pd.DataFrame, alloc: pd.DataFrame, spec: BalanceSpec, sourc
         demographics = _demographics(group, real, info.ages)
         if demographics is None:  # the whole age group is outside what the backend makes
             too_young[group["age"]] = too_young.get(group["age"], 0) + int(row["add"])
+            spec.left_out[" · ".join(group.values())] = (f"not in the top-up: the {spec.backend} backend makes ages "
+                                                         f"{info.ages[0]}-{info.ages[1]}")
             continue
         cohort: dict = {"name": name, "count": int(row["add"]), "view": _views(group, real, members, info.views),
                         "demographics": demographics}
         if row["finding"]:
             cohort["findings"] = {row["finding"]: 1.0}
         elif renderable:
-            cohort["findings"] = {f: round(float(real[f].mean()), 4) for f in renderable if real[f].mean() > 0}
+            # Each group's own prevalence by default: topping a group up at the pooled prevalence
+            # moves the group's prevalence toward the pooled one (PadChest men 80+, Lung Opacity:
+            # 27.7 % -> 18.9 % at parity), which is a change of the group, not a balance of it.
+            # A group with no real image has no prevalence of its own: it gets the pooled one.
+            source_rows = members if spec.prevalence == "group" and len(members) else real
+            if spec.prevalence == "group" and not len(members):
+                spec.notes.append(f"group {' · '.join(group.values())} has no real image: its top-up carries the "
+                                  "pooled prevalence")
+            prev = {f: round(float(np.nan_to_num(source_rows[f].mean())), 4) for f in renderable}  # NaN: uncertain left out
+            cohort["findings"] = {f: p for f, p in prev.items() if p > 0}
         cohorts.append(cohort)
     if too_young:
         spec.notes.append(f"the {spec.backend} backend makes patients aged {info.ages[0]}-{info.ages[1]}: "

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
+from ..export.hf import write_metadata as write_hf_metadata
 from ..plan import PlanReport, iter_plan, summarise
 from ..recipe.loader import load_recipe, recipe_dict, recipe_from_json, recipe_to_yaml
 from ..recipe.schema import Recipe
@@ -38,7 +39,7 @@ from .lock import OutputLock
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import CtrlC, Tracker
 
-OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "README.md", "recipe.yaml",
+OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "README.md", "metadata.parquet", "recipe.yaml",
            "contact_sheet.png", ".run.json", mf.QUARANTINE)
 
 
@@ -248,4 +249,6 @@ def write_dataset_files(store: Store, recipe_json: dict, manifest: pa.Table | No
     rows = (lambda: manifest) if manifest is not None else (lambda: mf.iter_manifest(store))
     if recipe_json.get("output", {}).get("coco", True):
         write_coco(store, rows(), recipe_json.get("description") or recipe_json.get("name", ""))
-    write_card(store, rows(), recipe_json)
+    # The card declares what metadata.parquet holds (the Hugging Face dataset: export/hf.py), so
+    # both are written together, the metadata first.
+    write_card(store, rows(), recipe_json, write_hf_metadata(store, rows()))

@@ -85,7 +85,7 @@ def test_coco_boxes_in_pixels():
     from chexforge.export.manifest import manifest_schema
 
     row = {f.name: None for f in manifest_schema()}
-    row.update(job_id="a", cohort="c", status="ok", image_png="images/c/a.png", size=200,
+    row.update(job_id="a", cohort="c", index=0, status="ok", image_png="images/c/a.png", size=200,
                realised_boxes=[{"label": "Nodule", "x0": 0.1, "y0": 0.2, "x1": 0.3, "y1": 0.5}])
     coco = build_coco(pa.Table.from_pylist([row], schema=manifest_schema()))
     (ann,) = coco["annotations"]

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("qc",),
     ("export",),
     ("runtime",),
-    ("balance", "evaluate"),
+    ("balance", "evaluate", "data"),
     ("cli",),
 ]
 FLOOR = {pkg: i for i, floor in enumerate(LAYERS) for pkg in floor}

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
+from ..export.monai import write_datalist
 from ..export.hf import write_metadata as write_hf_metadata
 from ..plan import PlanReport, iter_plan, summarise
 from ..recipe.loader import load_recipe, recipe_dict, recipe_from_json, recipe_to_yaml
@@ -39,8 +40,8 @@ from .lock import OutputLock
 from .pool import parse_devices, run_inprocess, run_workers
 from .progress import CtrlC, Tracker
 
-OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "README.md", "metadata.parquet", "recipe.yaml",
-           "contact_sheet.png", ".run.json", mf.QUARANTINE)
+OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "datalist.json", "README.md", "metadata.parquet",
+           "recipe.yaml", "contact_sheet.png", ".run.json", mf.QUARANTINE)
 
 
 @dataclass
@@ -244,11 +245,13 @@ def _finish(store: Store, recipe_json: dict) -> None:
 
 
 def write_dataset_files(store: Store, recipe_json: dict, manifest: pa.Table | None = None) -> None:
-    """The COCO file (unless the recipe turns it off) and the dataset card, from `manifest` or
-    else streamed from the folder's manifest.parquet."""
+    """The COCO file (unless the recipe turns it off), the MONAI datalist and the dataset card,
+    from `manifest` or else streamed from the folder's manifest.parquet."""
     rows = (lambda: manifest) if manifest is not None else (lambda: mf.iter_manifest(store))
+    cohorts = [c["name"] for c in recipe_json.get("cohorts") or []]  # COCO image ids: (cohort position, index)
     if recipe_json.get("output", {}).get("coco", True):
-        write_coco(store, rows(), recipe_json.get("description") or recipe_json.get("name", ""))
+        write_coco(store, rows(), recipe_json.get("description") or recipe_json.get("name", ""), cohorts)
+    write_datalist(store, rows(), recipe_json.get("name", ""), recipe_json.get("description", ""))
     # The card declares what metadata.parquet holds (the Hugging Face dataset: export/hf.py), so
     # both are written together, the metadata first.
     write_card(store, rows(), recipe_json, write_hf_metadata(store, rows()))

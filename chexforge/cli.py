@@ -85,6 +85,7 @@ def plan(
     recipe: Path = typer.Argument(..., help="Recipe file (YAML).", show_default=False),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the job table here (Parquet)."),
     show: int = typer.Option(0, "--show", help="Also print the first N jobs with their prompts."),
+    sample: int | None = typer.Option(None, "--sample", min=0, help="Only a stratified, seeded sample of N jobs: proportional across cohorts and, within each, across sex × findings; the same N gives the same jobs."),
 ) -> None:
     """Expand a recipe into its jobs (a dry run): cohorts × counts, realised mix, estimated time.
 
@@ -92,7 +93,7 @@ def plan(
     """
     from .plan import plan_report
 
-    report = plan_report(recipe, out, show)
+    report = plan_report(recipe, out, show, sample=sample)
     _print_plan(report)
     if out is not None:
         out_console.print(f"wrote {report.jobs} jobs to {out}")
@@ -130,7 +131,8 @@ def generate(
     recipe: Path | None = typer.Argument(None, help="Recipe file (YAML); or give --jobs.", show_default=False),
     out: str = typer.Option(..., "--out", "-o", help="Output folder or fsspec URL (created; re-running resumes it)."),
     jobs: Path | None = typer.Option(None, "--jobs", help="Run a job table written by `chexforge plan` instead of a recipe."),
-    limit: int | None = typer.Option(None, "--limit", min=0, help="Make at most N new images this run."),
+    limit: int | None = typer.Option(None, "--limit", min=0, help="Make at most N new images this run: the first jobs not done yet, in plan order (the first cohort first), so not a sample of the dataset; see --sample."),
+    sample: int | None = typer.Option(None, "--sample", min=0, help="Make only a stratified, seeded sample of N jobs of the plan: proportional across cohorts and, within each, across sex × findings; the same N gives the same jobs, so re-running resumes it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete chexforge's earlier outputs in --out first."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Jobs per backend call (default: the backend's)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the jobs the manifest records as failed."),
@@ -158,9 +160,9 @@ def generate(
     from .runtime.runner import parse_shard
 
     if dry_run:
-        _print_plan(plan_only(recipe, jobs))
+        _print_plan(plan_only(recipe, jobs, sample=sample))
         return
-    options = RunOptions(limit=limit, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
+    options = RunOptions(limit=limit, sample=sample, overwrite=overwrite, batch_size=batch_size, retry_failed=retry_failed,
                          progress=progress, devices=devices, engine=engine, ray_address=ray_address,
                          ray_actors=ray_actors, gpus_per_actor=gpus_per_actor, shard=parse_shard(shard),
                          export_threads=export_threads, max_attempts=max_attempts, break_lock=break_lock,

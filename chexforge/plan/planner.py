@@ -35,7 +35,7 @@ from ..contracts.jobs import (
 from ..contracts.vocabulary import FINDING_NAMES, LATERAL_FINDINGS, SEVERITY_FINDINGS
 from ..recipe.loader import load_recipe, recipe_dict, stable_hash
 from ..recipe.schema import Cohort, Recipe, layout_source
-from . import layout, prompts, rng, sampling
+from . import layout, prompts, rng, sampling, subsample
 from .summary import cohort_summary, estimate_seconds
 
 
@@ -110,16 +110,22 @@ def summarise(chunks: Iterable[pa.Table], backend: str, show: int = 0,
 
 
 def plan_report(recipe: Recipe | str | Path, out: str | Path | None = None, show: int = 0,
-                chunk: int = CHUNK) -> PlanReport:
+                chunk: int = CHUNK, sample: int | None = None) -> PlanReport:
     """`chexforge plan`: the plan of a recipe summarised and, with `out`, written to jobs.parquet,
     streamed chunk by chunk through `iter_plan`. The file is byte for byte what
     `write_jobs(plan(recipe), out)` writes; memory holds a chunk, a row group and the job ids
-    (8 bytes a job, to prove them unique)."""
+    (8 bytes a job, to prove them unique). With `sample`, only the stratified sample of that many
+    jobs (plan/subsample.py; one more pass over the plan to find it)."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    chosen = None if sample is None else subsample.sample_of(iter_plan(r, chunk), sample, r.seed)
+
+    def stream():
+        return iter_plan(r, chunk) if chosen is None else subsample.only(iter_plan(r, chunk), chosen)
+
     if out is None:
-        return summarise(iter_plan(r, chunk), r.backend, show)
+        return summarise(stream(), r.backend, show)
     path = os.fspath(out)
-    ids = np.empty(r.total, dtype=np.uint64)
+    ids = np.empty(r.total if chosen is None else len(chosen), dtype=np.uint64)
     schema = job_schema().with_metadata(with_recipe(job_schema().empty_table(), recipe_dict(r)).schema.metadata)
     try:
         with atomic.atomic_open(path) as f:
@@ -133,7 +139,7 @@ def plan_report(recipe: Recipe | str | Path, out: str | Path | None = None, show
                 filled += t.num_rows
                 group.add(t)
 
-            report = summarise(iter_plan(r, chunk), r.backend, show, sink)
+            report = summarise(stream(), r.backend, show, sink)
             group.close()
             writer.close()
             ids.sort()

@@ -28,9 +28,10 @@ from ..errors import UserError
 from ..export import manifest as mf
 from ..export.card import write_card
 from ..export.coco import write_coco
-from ..export.monai import write_datalist
 from ..export.hf import write_metadata as write_hf_metadata
+from ..export.monai import write_datalist
 from ..plan import PlanReport, iter_plan, summarise
+from ..plan.subsample import only, sample_of
 from ..recipe.loader import load_recipe, recipe_dict, recipe_from_json, recipe_to_yaml
 from ..recipe.schema import Recipe
 from ..store import Store, open_store
@@ -46,7 +47,8 @@ OUTPUTS = ("images", "dicom", "masks", mc.PARTS, mc.MANIFEST, "coco.json", "data
 
 @dataclass
 class RunOptions:
-    limit: int | None = None
+    limit: int | None = None  # at most this many new images this run, the first not done in plan order
+    sample: int | None = None  # make only a stratified, seeded sample of this many jobs (plan/subsample.py)
     overwrite: bool = False
     batch_size: int | None = None
     retry_failed: bool = False
@@ -168,11 +170,15 @@ def generate(out: str | Path, recipe: str | Path | None = None, jobs: str | Path
     return run(source, r, out, options)
 
 
-def dry_run(recipe: str | Path | None = None, jobs: str | Path | None = None, show: int = 0) -> PlanReport:
+def dry_run(recipe: str | Path | None = None, jobs: str | Path | None = None, show: int = 0,
+            sample: int | None = None) -> PlanReport:
     """`chexforge generate --dry-run`: what the run would make, summarised from the job stream
-    chunk by chunk (memory bounded by a chunk, whatever the number of jobs); writes nothing."""
+    chunk by chunk (memory bounded by a chunk, whatever the number of jobs); writes nothing.
+    With `sample`: what `--sample` would make."""
     r, source = open_jobs(recipe, jobs)
     chunks = source.chunks() if jobs is not None else iter_plan(r)  # the planner's own, larger chunks
+    if sample is not None:
+        chunks = only(chunks, sample_of(source.chunks(), sample, r.seed))
     return summarise(chunks, r.backend, show)
 
 
@@ -200,7 +206,14 @@ def _run_locked(source: JobSource, recipe: Recipe, store: Store, options: RunOpt
     prepare_output(store, options.overwrite, warn)
     store.write_text("recipe.yaml", recipe_to_yaml(recipe))
     planned = source.ids(options.shard)
-    done = done_ids(store, planned, options.retry_failed)
+    done = done_ids(store, planned, options.retry_failed)  # against the whole plan: a sample of it is no other plan
+    if options.sample is not None:
+        # The sample is drawn over the whole plan (not the shard), so `--shard i/n --sample N` runs
+        # partition one sample of N; the same N gives the same jobs, so a re-run resumes it.
+        chosen = sample_of(source.chunks(), options.sample, recipe.seed)
+        whole = source
+        source = JobSource(lambda: only(whole.chunks(), chosen), len(chosen))
+        planned, done = planned[in_sorted(planned, chosen)], done[in_sorted(done, chosen)]
     todo = len(planned) - len(done)
     if options.limit is not None:
         todo = min(todo, max(0, options.limit))

@@ -280,6 +280,41 @@ def inspect(
     if r.sheet is not None:
         out_console.print(f"contact sheet: {r.sheet}")
 
+# ---- push -------------------------------------------------------------------------------------
+
+
+@app.command()
+def push(
+    out: str = typer.Argument(..., help="An output folder of `chexforge generate` (with DICOM files).", show_default=False),
+    to: str = typer.Option(..., "--to", help="The PACS (storage SCP) as HOST:PORT.", show_default=False),
+    aet: str = typer.Option(..., "--aet", help="The PACS's AE title (the called AE).", show_default=False),
+    calling_aet: str = typer.Option("CHEXFORGE", "--calling-aet", help="Our AE title, as the PACS knows it."),
+    seg: bool = typer.Option(True, "--seg/--no-seg", help="Send each image's SEG (masks) too."),
+    again: bool = typer.Option(False, "--again", help="Send everything again, also what the PACS already confirmed."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """C-STORE every image's DICOM (and its SEG) to a PACS; re-run to send only what it has not confirmed (exit 1 on failures)."""
+    from rich import progress as rp
+
+    from .export.push import push as send
+
+    bar = rp.Progress(rp.TextColumn("[bold]pushing"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeRemainingColumn(),
+                      console=err, disable=not progress, transient=False)
+    with bar:
+        task = bar.add_task("push", total=None)
+        report = send(out, to, aet, calling_aet, seg=seg, again=again,
+                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for line in report.warnings:
+        out_console.print(f"stored with a warning {line}", highlight=False, soft_wrap=True)
+    for line in report.failed:
+        out_console.print(f"failed  {line}", highlight=False, soft_wrap=True)
+    out_console.print(f"{report.destination}: {report.sent} sent, {report.already} already there, "
+                      f"{len(report.failed)} failed (of {report.total} files; confirmed ones listed in "
+                      f"{out}/{report.state})", highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 
 # ---- report -----------------------------------------------------------------------------------
 

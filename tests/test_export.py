@@ -19,14 +19,21 @@ JOB = {"job_id": "0123456789abcdef", "cohort": "demo", "sex": "F", "age": 67, "v
        "prompt": "PA chest radiograph of a 67-year-old woman. Moderate left pleural effusion."}
 
 
+# SyntheticData (0008,001C) joined the standard after the dicom3tools snapshot Debian ships
+# (2022-06), whose dictionary calls it an unknown standard tag; that line, and only it, is not an
+# error of ours.
+UNKNOWN_TO_DCIODVFY = "(0x0008,0x001c)"
+
+
 def dciodvfy(path) -> str:
+    """dciodvfy's report on a file, without its lines about SyntheticData (see above)."""
     exe = shutil.which("dciodvfy")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("dciodvfy (Debian dicom3tools) must be installed in CI; .ci/run installs it")
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True)
-    return proc.stdout + proc.stderr
+    return "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if UNKNOWN_TO_DCIODVFY not in line)
 
 
 @pytest.mark.parametrize("view", ["PA", "AP", "LL"])
@@ -139,7 +146,8 @@ def test_the_dicom_files_of_a_study_share_patient_and_study(tmp_path):
         assert a.StudyDate == b.StudyDate and a.StudyTime == b.StudyTime and a.StudyDescription == "pairs"
         assert a.SeriesInstanceUID != b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
         assert (a.SeriesNumber, b.SeriesNumber) == (1, 2)
-        assert (a.SeriesDescription, b.SeriesDescription) == ("PA", "LL") == (a.ViewPosition, b.ViewPosition)
+        assert (a.SeriesDescription, b.SeriesDescription) == ("PA pairs", "LL pairs")
+        assert (a.ViewPosition, b.ViewPosition) == ("PA", "LL")
         assert a.PatientSex == b.PatientSex and a.PatientAge == b.PatientAge
     first, second = (files[m["job_id"]] for m in pairs[0:4:2])
     assert first.PatientID != second.PatientID and first.StudyInstanceUID != second.StudyInstanceUID

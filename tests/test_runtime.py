@@ -79,12 +79,13 @@ def test_generate_writes_a_complete_dataset(tmp_path):
     table = pq.read_table(out / "manifest.parquet")
     meta = json.loads(table.column("meta")[0].as_py())
     assert "geometry" in meta and table.column("backend")[0].as_py() == "drr"
-    # Every DICOM the pipeline wrote passes the validator.
+    # Every DICOM the pipeline wrote passes the validator: the images, and their masks as SEGs.
     from .test_export import dciodvfy
 
     for dcm in sorted((out / "dicom").rglob("*.dcm")):
         report = dciodvfy(dcm)
-        assert "DXImageForPresentation" in report and not [x for x in report.splitlines() if x.startswith("Error")], report
+        iod = "Segmentation" if dcm.stem.endswith("_seg") else "DXImageForPresentation"
+        assert iod in report and not [x for x in report.splitlines() if x.startswith("Error")], report
     # The resolved recipe in out/ re-plans to the same jobs.
     again = plan(load_recipe(out / "recipe.yaml"))
     assert again.column("job_id").to_pylist() == table.column("job_id").to_pylist()

@@ -188,7 +188,7 @@ def test_kill_9_at_random_instants_then_resume(tmp_path, devices, kills):
     df = manifest(out)
     assert len(df) == n and df.job_id.is_unique and (df.status == "ok").all()
     hashes_ok(out, df)
-    listed = {p for r in df.itertuples() for p in (r.image_png, r.image_dicom)}
+    listed = {p for r in df.itertuples() for p in (r.image_png, r.image_dicom, r.seg_dicom)}
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".png", ".dcm") and "images" in p.parts or p.suffix == ".dcm"}
     assert on_disk <= listed | {p for p in on_disk if "masks" in p}  # no orphan file is counted
     assert not list(out.rglob(atomic.TMP_PREFIX + "*"))

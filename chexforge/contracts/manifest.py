@@ -17,12 +17,15 @@ PARTS = ".parts"
 FILE = pa.struct([("name", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
 STATUS_COLUMNS = ["job_id", "status", "error", "image_png", "image_dicom", "cohort"]
 # Columns added after the first release: a manifest written before them reads with them null.
-SIZE_COLUMNS = ["bytes_png", "bytes_dicom", "bytes_masks"]
+SIZE_COLUMNS = ["bytes_png", "bytes_dicom", "bytes_masks", "bytes_seg"]
+# The masks as one DICOM SEG per image (path, SHA-256; its size is in SIZE_COLUMNS): null where no
+# SEG was written (no dicom format, no masks) and in manifests written before SEGs existed.
+SEG_COLUMNS = ["seg_dicom", "sha256_seg"]
 # The job's patient columns (patient_id, study_id, patient_seed) likewise: images made before them
 # keep null ids.
-OPTIONAL_COLUMNS = frozenset(SIZE_COLUMNS) | OPTIONAL_JOB_COLUMNS
+OPTIONAL_COLUMNS = frozenset(SIZE_COLUMNS) | frozenset(SEG_COLUMNS) | OPTIONAL_JOB_COLUMNS
 # What a resumed run reads to decide which jobs are done (files present at their recorded size).
-CHECK_COLUMNS = [*STATUS_COLUMNS, "masks", *SIZE_COLUMNS]
+CHECK_COLUMNS = [*STATUS_COLUMNS, "masks", "seg_dicom", *SIZE_COLUMNS]
 
 
 def manifest_schema() -> pa.Schema:
@@ -47,5 +50,8 @@ def manifest_schema() -> pa.Schema:
         pa.field("bytes_png", pa.int64()),  # file sizes: null in manifests written before they were recorded
         pa.field("bytes_dicom", pa.int64()),
         pa.field("bytes_masks", pa.list_(pa.int64())),  # one per entry of `masks`, same order
+        pa.field("seg_dicom", pa.string()),  # the masks as a DICOM SEG of image_dicom (null: none written)
+        pa.field("sha256_seg", pa.string()),
+        pa.field("bytes_seg", pa.int64()),
     ]
     return pa.schema(list(job_schema()) + extra)

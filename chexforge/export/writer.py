@@ -19,6 +19,7 @@ from ..contracts.sample import Sample
 from ..store import Store
 from . import png
 from .dicom import dx_bytes
+from .seg import seg_bytes
 
 
 def slug(name: str) -> str:
@@ -28,7 +29,7 @@ def slug(name: str) -> str:
 def paths(job: dict[str, Any]) -> dict[str, str]:
     cohort, job_id = slug(str(job["cohort"])), str(job["job_id"])
     return {"png": f"images/{cohort}/{job_id}.png", "dicom": f"dicom/{cohort}/{job_id}.dcm",
-            "masks": f"masks/{cohort}/{job_id}"}
+            "seg": f"dicom/{cohort}/{job_id}_seg.dcm", "masks": f"masks/{cohort}/{job_id}"}
 
 
 def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: list[str], write_masks: bool,
@@ -49,10 +50,13 @@ def export_sample(store: Store, job: dict[str, Any], sample: Sample, formats: li
         row["image_png"], row["bytes_png"] = where["png"], len(data)
         row["sha256_png"] = store.write_bytes(where["png"], data)
     if "dicom" in formats:
-        pixel_mm = sample.projection.pixel_spacing_mm if sample.projection is not None else None
-        data = dx_bytes(sample.image, job, pixel_mm, identity, series)
-        row["image_dicom"], row["bytes_dicom"] = where["dicom"], len(data)
-        row["sha256_dicom"] = store.write_bytes(where["dicom"], data)
+        dx = dx_bytes(sample.image, job, sample.projection, identity, series)
+        row["image_dicom"], row["bytes_dicom"] = where["dicom"], len(dx)
+        row["sha256_dicom"] = store.write_bytes(where["dicom"], dx)
+        if write_masks and sample.masks:  # the same masks as the PNGs below, as a SEG of the DX image
+            data = seg_bytes(dx, sample.masks, {**job, "backend": identity.get("backend")}, series)
+            row["seg_dicom"], row["bytes_seg"] = where["seg"], len(data)
+            row["sha256_seg"] = store.write_bytes(where["seg"], data)
     masks, sizes = [], []
     if write_masks:
         for name, mask in sorted(sample.masks.items()):

@@ -31,7 +31,8 @@ from .runner import write_dataset_files
 
 
 def _files(row: dict) -> list[tuple[str, str]]:
-    out = [(row[k], row[h]) for k, h in (("image_png", "sha256_png"), ("image_dicom", "sha256_dicom")) if row.get(k)]
+    out = [(row[k], row[h]) for k, h in (("image_png", "sha256_png"), ("image_dicom", "sha256_dicom"),
+                                         ("seg_dicom", "sha256_seg")) if row.get(k)]
     out += [(m["path"], m["sha256"]) for m in row.get("masks") or []]
     return out
 
@@ -144,7 +145,7 @@ def _roll_back(target: Store, created: list[str], fresh: bool) -> None:
 
 
 def _signature(row: dict) -> tuple:
-    return (row["status"], row.get("sha256_png"), row.get("sha256_dicom"))
+    return (row["status"], row.get("sha256_png"), row.get("sha256_dicom"), row.get("sha256_seg"))
 
 
 def _take(source: Store, target: Store, rel: str, digest: str) -> bool:

@@ -135,7 +135,8 @@ def done_ids(store: Store, planned: np.ndarray, retry_failed: bool) -> np.ndarra
 
 def _files(row: dict) -> list[tuple[str, int | None]]:
     """(path, recorded size or None) of each file of a manifest row."""
-    out = [(row[k], row[b]) for k, b in (("image_png", "bytes_png"), ("image_dicom", "bytes_dicom")) if row[k]]
+    out = [(row[k], row[b]) for k, b in (("image_png", "bytes_png"), ("image_dicom", "bytes_dicom"),
+                                         ("seg_dicom", "bytes_seg")) if row.get(k)]
     masks, sizes = row.get("masks") or [], row.get("bytes_masks")
     if sizes is None or len(sizes) != len(masks):
         sizes = [None] * len(masks)

@@ -29,7 +29,7 @@ from .lock import holder_of
 
 FOLDERS = ("images", "dicom", "masks")  # where every file of a job lives
 COLUMNS = ["job_id", "status", "image_png", "sha256_png", "image_dicom", "sha256_dicom", "masks",
-           "bytes_png", "bytes_dicom", "bytes_masks"]
+           *mc.SEG_COLUMNS, *mc.SIZE_COLUMNS]
 
 
 @dataclass
@@ -82,7 +82,8 @@ def verify(out: str, threads: int | None = None, progress: Callable[[int], None]
 def _files(row: dict) -> list[tuple[str, str | None, int | None]]:
     """(path, SHA-256, size or None) of each file a manifest row names."""
     out = [(row[p], row[h], row[b]) for p, h, b in (("image_png", "sha256_png", "bytes_png"),
-                                                      ("image_dicom", "sha256_dicom", "bytes_dicom")) if row[p]]
+                                                      ("image_dicom", "sha256_dicom", "bytes_dicom"),
+                                                      ("seg_dicom", "sha256_seg", "bytes_seg")) if row.get(p)]
     masks, sizes = row.get("masks") or [], row.get("bytes_masks")
     if sizes is None or len(sizes) != len(masks):
         sizes = [None] * len(masks)

@@ -6,6 +6,7 @@ Bad input (recipes, flags, label files, checkpoints) prints one line and exits w
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,20 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out_console = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that does not crop: on a terminal rich follows the terminal's width, but piped
+    (CI logs, `| tee`) it falls back to 80 columns and cuts wide tables with "…". Piped, $COLUMNS
+    decides if set (rich reads it itself), else 200 columns. runtime/progress.py does the same
+    for the progress bar."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty())
+    return Console(stderr=stderr, width=200 if piped and not os.environ.get("COLUMNS", "").isdigit() else None)
+
+
+out_console = _console()
+err = _console(stderr=True)
 _state = {"debug": False}
 
 
@@ -99,8 +112,20 @@ def plan(
         out_console.print(f"wrote {report.jobs} jobs to {out}")
 
 
+def _fold(table: Table, whole: tuple[str, ...] = ()) -> Table:
+    """Cells wrap, and a word longer than its column breaks onto the next line instead of being
+    cut to "…" (a narrow $COLUMNS in a CI log must not lose a cohort's name). On a console of 120
+    columns or more, the columns named in `whole` (names to grep for) stay on one line while the
+    others give way; narrower, they fold too (kept whole, they left the others no room at all)."""
+    for column in table.columns:
+        column.overflow = "fold"
+        column.no_wrap = column.header in whole and out_console.width >= 120
+    return table
+
+
 def _print_plan(report) -> None:
-    t = Table("cohort", "images", "views", "female", "age (median, range)", "findings (prevalence)", title="plan")
+    t = _fold(Table("cohort", "images", "views", "female", "age (median, range)", "findings (prevalence)", title="plan"),
+              whole=("cohort",))
     for c in report.cohorts:
         views = ", ".join(f"{k} {v:.0%}" for k, v in c["views"].items())
         findings = ", ".join(f"{k} {v:.0%}" for k, v in c["findings"].items()) or "none"
@@ -109,7 +134,8 @@ def _print_plan(report) -> None:
     if report.seconds is not None:
         out_console.print(f"{report.jobs} images; about {_duration(report.seconds)} on one CPU with the {report.backend} backend")
     if report.first:
-        t = Table("job_id", "cohort", "seed", "prompt", title=f"first {len(report.first)} jobs")
+        t = _fold(Table("job_id", "cohort", "seed", "prompt", title=f"first {len(report.first)} jobs"),
+                  whole=("job_id", "cohort", "seed"))
         for row in report.first:
             t.add_row(row["job_id"], row["cohort"], str(row["seed"]), row["prompt"])
         out_console.print(t)
@@ -612,7 +638,7 @@ def backends() -> None:
     """
     from .contracts.backends import BACKENDS
 
-    t = Table("backend", "what it is", "findings", "views", "ages", "masks", "layouts")
+    t = _fold(Table("backend", "what it is", "findings", "views", "ages", "masks", "layouts"))
     for b in BACKENDS.values():
         t.add_row(b.name, b.summary, ", ".join(b.findings), ", ".join(b.views), "{}-{}".format(*b.ages),
                   ", ".join(b.anatomy), ", ".join(b.layouts))

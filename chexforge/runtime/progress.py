@@ -30,6 +30,15 @@ from ..store import Store
 RUN_FILE = ".run.json"
 
 
+def _console():
+    """The bar's console. Piped (a CI log), rich falls back to 80 columns and crops the bar's
+    counts and ETA; there it takes $COLUMNS if set (rich reads it), else 200, as cli.py's do."""
+    from rich.console import Console
+
+    piped = not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+    return Console(width=200 if piped and not os.environ.get("COLUMNS", "").isdigit() else None)
+
+
 class CtrlC:
     """SIGINT handling for one run (a context manager; see the module docstring). Installed only
     in the main thread (the only one that may set handlers) and only when SIGINT is not ignored
@@ -116,7 +125,7 @@ class Tracker:
 
             self._bar = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), transient=False)
+                                 TimeRemainingColumn(), transient=False, console=_console())
             self._bar.start()
             self._task = self._bar.add_task("generate", total=self.todo, rate="")
         self.beat("running", force=True)

@@ -52,7 +52,7 @@ test-fast: install  ## the tests without the slow ones
 lint: install  ## ruff
 	$(BIN)/ruff check chexforge tests bench
 
-dataset: install  ## generate RECIPE into OUT (resumable), e.g. make dataset RECIPE=recipes/effusion.yaml OUT=out/eff
+dataset: install  ## generate RECIPE into OUT (resumable), e.g. make dataset RECIPE=recipes/effusion-laterality.yaml OUT=out/eff
 	$(BIN)/chexforge generate $(RECIPE) --out $(OUT) $(ARGS)
 
 plan: install  ## show the jobs RECIPE expands to and write $(OUT)/jobs.parquet

@@ -61,3 +61,18 @@ def test_backends_through_a_pipe_lists_everything():
         for f in b.findings:  # every finding of every backend, cell wrapping aside
             assert f.split()[-1] in flat
         assert ", ".join(b.layouts) in flat
+
+
+def test_recipe_paths_named_in_the_makefile_and_docs_exist():
+    """`make help` once named recipes/effusion.yaml, which never existed (the recipe is
+    recipes/effusion-laterality.yaml): every recipes/... path the Makefile, the README or docs/
+    name must be there (a glob must match something)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [root / "Makefile", root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    named = {(p.name, m) for p in texts for m in re.findall(r"recipes/[A-Za-z0-9_.*-]+\.ya?ml", p.read_text())}
+    assert any(m == "recipes/quickstart.yaml" for _, m in named)  # the pattern finds what is there
+    missing = [f"{name}: {m}" for name, m in sorted(named) if not list(root.glob(m))]
+    assert not missing, missing

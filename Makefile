@@ -7,6 +7,7 @@
 #   make balance LABELS=train.csv BY=sex,age BALANCE=balance.yaml   audit a label file, write the top-up recipe
 #   make validate                           check every recipe in recipes/
 #   make verify OUT=out/x                   re-hash every file of a dataset against its manifest
+#   make push OUT=out/x TO=pacs:104 AET=PACS   send its DICOM images and SEGs to a PACS (resumable)
 #   make report OUT=out/x                   static HTML report of a dataset: OUT/report/index.html
 #   make eval OUT=out/x REFERENCE=real/     metrics (FID/KID, PRDC, MS-SSIM, memorization): OUT/report/metrics.json
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
@@ -67,6 +68,13 @@ inspect: install  ## counts and a contact sheet for OUT
 
 verify: install  ## re-hash every file of OUT against its manifest (exit 1 on missing, corrupt or orphan files)
 	$(BIN)/chexforge verify $(OUT)
+
+.PHONY: push
+TO  ?=
+AET ?=
+push: install  ## C-STORE OUT's DICOM images and SEGs to a PACS, e.g. make push OUT=out/x TO=pacs:104 AET=ORTHANC (re-run to resume)
+	@test -n "$(TO)" -a -n "$(AET)" || { echo "make push: give TO=host:port and AET=the PACS's AE title" >&2; exit 2; }
+	$(BIN)/chexforge push $(OUT) --to $(TO) --aet $(AET) $(ARGS)
 
 .PHONY: eval
 REFERENCE ?=

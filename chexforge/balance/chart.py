@@ -65,6 +65,11 @@ def audit_figure(before: dict, after: dict | None = None, title: str = ""):
     im = None
     for k, ((_, name), grid) in enumerate(zip(reports, grids)):
         axp = axes[1 + k]
+        if not findings:  # no finding has a positive: an empty grid is no picture (and warns)
+            axp.set_axis_off()
+            axp.set_title(name)
+            axp.text(0.5, 0.5, "no finding present", ha="center", va="center", transform=axp.transAxes)
+            continue
         im = axp.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)  # NaN (no image) stays blank
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):  # dark text on the light end of viridis, white on the dark end

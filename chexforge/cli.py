@@ -325,11 +325,19 @@ def push(
     from .export.push import push as send
 
     bar = rp.Progress(rp.TextColumn("[bold]pushing"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeRemainingColumn(),
-                      console=err, disable=not progress, transient=False)
-    with bar:
-        task = bar.add_task("push", total=None)
-        report = send(out, to, aet, calling_aet, seg=seg, again=again,
-                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+                      console=err, transient=False)
+    tasks: list = []
+
+    def show(done: int, total: int) -> None:  # the bar starts with the first file, after the PACS said yes
+        if not tasks:
+            bar.start()
+            tasks.append(bar.add_task("push", total=total))
+        bar.update(tasks[0], completed=done, total=total)
+
+    try:
+        report = send(out, to, aet, calling_aet, seg=seg, again=again, progress=show if progress else None)
+    finally:
+        bar.stop()
     for line in report.warnings:
         out_console.print(f"stored with a warning {line}", highlight=False, soft_wrap=True)
     for line in report.failed:

@@ -250,7 +250,7 @@ def test_verify_lists_corrupt_missing_and_orphan_files(tmp_path):
     make(out, sim(tmp_path, n=4))
     clean = cli("verify", str(out))
     table = pq.read_table(out / "manifest.parquet").to_pylist()
-    files = sum(2 + len(row["masks"]) for row in table)
+    files = sum(2 + len(row["masks"]) + bool(row["seg_dicom"]) for row in table)  # PNG, DX, masks, SEG
     assert clean.returncode == 0 and f"all {files} files of 4 jobs match" in clean.stdout, clean.stdout + clean.stderr
     flipped, gone = out / table[0]["image_png"], out / table[1]["image_dicom"]
     data = bytearray(flipped.read_bytes())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +105,16 @@ def push(out: str, to: str, aet: str, calling_aet: str = "CHEXFORGE", seg: bool 
     done = set() if again else _confirmed(state_path)
     todo = [f for f in files if f not in done]
     report.already = len(files) - len(todo)
-    if progress:
-        progress(report.already, report.total)
     if not todo:
+        if progress:
+            progress(report.already, report.total)
         return report
+    # Reach the port first: pynetdicom reports a refused connection as an aborted association,
+    # and the person needs to know which of the two happened.
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"cannot reach {host}:{port} ({e.strerror or e}): is the PACS running there?", "push") from None
 
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -121,6 +128,8 @@ def push(out: str, to: str, aet: str, calling_aet: str = "CHEXFORGE", seg: bool 
                "the peer aborted the association" if assoc.is_aborted else
                "no DICOM peer answered there (wrong host or port, or it is not running)")
         raise UserError(f"cannot associate with {aet} at {host}:{port}: {why}", "push")
+    if progress:  # first told once the peer has accepted: a refusal prints its one line, no bar
+        progress(report.already, report.total)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(state_path, "a", encoding="utf-8") as state:

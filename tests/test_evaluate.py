@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -323,3 +324,137 @@ def test_xrv_weights_on_disk_are_loaded_without_download(tmp_path, monkeypatch):
     torch.save(net, xrv_cache_dir() / XRV_MODELS["xrv-densenet"])
     with pytest.raises(UserError, match=r"a pickled model \(torchvision.models.densenet.DenseNet\), not a state dict"):
         features.get_extractor("xrv-densenet")
+
+
+# ---- no reference, no weights: what eval measures from the dataset itself -------------------------
+
+SIM_RECIPE = """
+name: eval-sim
+seed: 5
+backend: simulated
+output: {size: 64, formats: [png], masks: true}
+cohorts:
+  - name: nodules
+    count: 4
+    view: PA
+    findings:
+      Nodule: {p: 1.0, laterality: [left, right], severity: {small: 1, large: 1}}
+      Support Devices: 0.5
+    masks: [lungs, heart]
+  - name: effusion
+    count: 3
+    study: {views: [PA, LL]}
+    findings:
+      Effusion: {p: 1.0, laterality: {left: 1, right: 1, bilateral: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def sim_out(tmp_path_factory):
+    """10 images of the simulated backend at 64 px: 4 PA nodules, 3 PA + lateral effusion studies."""
+    from .conftest import write
+
+    tmp = tmp_path_factory.mktemp("sim")
+    assert main(["generate", str(write(tmp, SIM_RECIPE)), "--out", str(tmp / "out"), "--no-progress"]) == 0
+    return tmp / "out"
+
+
+def test_eval_without_reference_or_weights_measures_the_dataset(sim_out, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from chexforge.contracts.model_files import XRV_MODELS
+
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))  # an empty torchxrayvision cache
+    assert main(["eval", str(sim_out), "--size", "64", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    df = pq.read_table(sim_out / "manifest.parquet").to_pandas()
+    ok = df[df.status == "ok"]
+    # the existing keys are all still there
+    assert {"chexforge", "generated", "reference", "features", "fidelity", "memorization", "diversity",
+            "adherence", "seconds"} <= set(m)
+    # pixel diversity within each cohort: the library's numbers on the same images
+    g = load_set(sim_out, 64)
+    assert m["pixel_diversity"] == json.loads(json.dumps(diversity.per_cohort(g.images, g.cohorts, g.seeds)))
+    per = m["pixel_diversity"]["per_cohort"]
+    for cohort, rows in ok.groupby("cohort"):  # every pair of the cohort made from different seeds
+        seeds = rows.seed.tolist()
+        assert per[cohort]["pairs"] == sum(a != b for i, a in enumerate(seeds) for b in seeds[i + 1:])
+    assert per["nodules"]["pairs"] == 6
+    assert 0 < m["pixel_diversity"]["ms_ssim_mean"] < 1 and -1 <= m["pixel_diversity"]["pixel_corr_mean"] <= 1
+    ds = m["dataset"]
+    s = ds["summary"]
+    assert (s["images"], s["failed"], s["patients"], s["studies"], s["cohorts"]) == (10, 0, 7, 7, 2)
+    # composition against the recipe: 4 + 3×2 images asked for and made, all PA / LL as asked
+    comp = ds["composition"]
+    assert (comp["requested_images"], comp["realised_images"]) == (10, 10)
+    view = {r["category"]: (r["requested"], r["realised"]) for r in comp["overall"]["view"]}
+    assert view == {"PA": (0.7, 0.7), "LL": (0.3, 0.3)}
+    # laterality: the simulated backend draws on the requested side; frontal masks show it, lateral films cannot
+    lat = ds["laterality"]["per_finding"]
+    for finding in ("Nodule", "Effusion"):
+        sel = ok[ok[finding] == 1]
+        frontal = sel[sel.view == "PA"]
+        want = frontal[f"{finding}.laterality"].value_counts().to_dict()
+        got = {k: v for k, v in lat[finding]["realised"].items() if k != "undetermined"}
+        assert got == want and lat[finding]["realised"].get("undetermined", 0) == int((sel.view == "LL").sum())
+        assert lat[finding]["agreement"] == 1.0 and lat[finding]["read_from"]["mask"] == len(frontal)
+    # co-occurrence, box and mask counts are the manifest's
+    co = ds["cooccurrence"]["matrix"]
+    assert co["Nodule"]["Support Devices"] == int(((ok.Nodule == 1) & (ok["Support Devices"] == 1)).sum())
+    assert co["Effusion"]["Effusion"] == 6 and co["Effusion"]["Nodule"] == 0
+    n_boxes = sum(b["label"] == "Effusion" for bs in ok.realised_boxes for b in bs)
+    assert ds["boxes"]["per_label"]["Effusion"]["area"]["n"] == n_boxes
+    lungs = sum(any(x["name"] == "lungs" for x in ms) for ms in ok.masks)
+    assert ds["masks"]["per_structure"]["lungs"]["n"] == lungs == 10  # the backend draws lungs where none are named
+    assert 0 < ds["masks"]["per_structure"]["lungs"]["median"] < 1 and ds["masks"]["per_structure"]["heart"]["n"] == 4
+    sev = ds["severity"]["per_finding"]["Nodule"]
+    assert sum(g["images"] for g in sev["per_grade"].values()) == 4
+    t = ds["timing"]
+    assert t["images_per_second_generate"] == pytest.approx(10 / float(df.seconds_generate.sum()))
+    # what could not run says why and names the full weights file, or the reference
+    missing = {e["metric"]: e for e in m["missing"]}
+    assert XRV_MODELS["xrv-densenet"] in missing["fidelity"]["needs"] and "--reference" in missing["fidelity"]["needs"]
+    assert XRV_MODELS["xrv-densenet"] in missing["adherence.findings"]["needs"]
+    assert "--sex-model" in missing["adherence.sex"]["needs"]
+    assert "pixel_diversity" not in missing and "dataset.laterality" not in missing
+
+
+def test_eval_table_shows_full_file_names_and_no_none_title(sim_out, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from chexforge.contracts.model_files import XRV_MODELS
+    from chexforge.evaluate.run import EvalOptions, evaluate
+    from chexforge.evaluate.summary import summary_table
+
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
+    m = evaluate(sim_out, tmp_path, EvalOptions(size=64))
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(summary_table(m))
+    text = console.export_text()
+    assert "None features" not in text and "no feature extractor" in text
+    assert "…" not in text  # folded onto lines, never cut short
+    assert XRV_MODELS["xrv-densenet"] in "".join(ln.strip("│ ") for ln in text.splitlines())
+
+
+def test_eval_against_a_folder_of_pngs(sim_out, tiny_out, tmp_path, monkeypatch):
+    """A plain folder of PNGs is a reference: without weights the feature metrics name the
+    extractor they need; with the random extractor they are computed."""
+    _, ref, _ = tiny_out
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))
+    assert main(["eval", str(sim_out), "--reference", str(ref), "--size", "64", "--out", str(tmp_path / "a")]) == 0
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert m["reference"]["kind"] == "folder" and m["reference"]["images"] == 8
+    assert m["fidelity"]["available"] is False and "--reference" not in m["fidelity"]["needs"]
+    assert "feature extractor" in m["fidelity"]["needs"]
+    assert main(["eval", str(sim_out), "--reference", str(ref), "--size", "64", "--features", "random",
+                 "--out", str(tmp_path / "b")]) == 0
+    m = json.loads((tmp_path / "b/metrics.json").read_text())
+    assert m["fidelity"]["available"] and m["fidelity"]["fid"] > 0 and m["memorization"]["of"] == 10
+
+
+def test_a_missing_reference_is_one_line_naming_it(sim_out, tmp_path, capsys):
+    missing = tmp_path / "real"
+    assert main(["eval", str(sim_out), "--reference", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
+    assert "a folder of images" in err and "label CSV" in err and "Traceback" not in err

@@ -44,7 +44,7 @@ cohorts:
     view: AP
     demographics: {sex: M, age: 70}
     findings:
-      Effusion: {p: 1.0, laterality: [left, right]}
+      Effusion: {p: 1.0, laterality: [left, right], severity: {small: 1, large: 1}}
 """
 
 
@@ -104,7 +104,7 @@ def test_report_files_links_and_counts(dataset, tmp_path):
     assert index.is_file()
     page = parse(index)
     # every image it shows is there, is a PNG, and says what it shows
-    assert len(page.imgs) == 4  # a contact sheet and a composition chart per cohort
+    assert len(page.imgs) == 5  # a contact sheet and a composition chart per cohort, the size distributions
     for img in page.imgs:
         src = index.parent / img["src"]
         assert src.is_file(), img["src"]
@@ -125,7 +125,7 @@ def test_report_files_links_and_counts(dataset, tmp_path):
     assert page.ids["n-failed"] == "2"  # fail_on: index 2 of each cohort
     text = index.read_text()
     assert "simulated failure" in text  # the failed job is listed with its error
-    assert "not available" not in text and "No metrics yet" in text
+    assert "No metrics yet" in text and "chexforge eval has not been run" in text  # the missing-metrics panel
     # the dataset's own files are untouched
     assert {p: p.stat().st_mtime_ns for p in snapshot} == snapshot
     assert not [p for p in dataset.rglob(".tmp-*")]
@@ -186,7 +186,10 @@ def test_report_renders_in_headless_chromium(dataset, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     m = re.search(r'data-images="(\d+)" data-broken="([^"]*)"', dom.stdout)
     assert m, dom.stdout[:2000]
-    assert int(m.group(1)) == 4 and m.group(2) == "none"
+    assert int(m.group(1)) == 5 and m.group(2) == "none"
+    for section in ("summary", "laterality", "severity", "box-sizes", "mask-areas", "cooccurrence-matrix",
+                    "timing-table", "missing-table"):
+        assert f'id="{section}"' in dom.stdout, section  # the browser built every new section
 
 
 def test_metrics_render_generically_with_reasons(dataset, tmp_path):
@@ -254,7 +257,7 @@ def test_gather_then_render(dataset, tmp_path):
         assert realised == counts[c.name]
     page, files = render(data, tile_px=64)
     assert sorted(files) == ["composition_00_lesions.png", "composition_01_effusion.png",
-                             "contact_00_lesions.png", "contact_01_effusion.png"]
+                             "contact_00_lesions.png", "contact_01_effusion.png", "distributions.png"]
     assert 'id="n-ok">6<' in page and not dest.exists()
     assert render(data, tile_px=64) == (page, files)  # the same data, the same bytes
 
@@ -265,3 +268,56 @@ def test_a_requested_cohort_with_no_rows_shows_the_request_only(dataset):
     recipe = parse_recipe((dataset / "recipe.yaml").read_text())
     comp = composition(recipe.cohorts[1], CohortTally())
     assert comp["sex"] == [("M", 1.0, 0.0)] and comp["view"] == [("AP", 1.0, 0.0)]
+
+
+def test_dataset_sections_match_the_manifest(dataset, tmp_path):
+    """The summary, co-occurrence, laterality and timing numbers on the page are the manifest's,
+    counted here independently with pandas."""
+    index = build_report(dataset, tmp_path / "rep", per_cohort=2)
+    text = index.read_text()
+    ids = parse(index).ids
+    df = pq.read_table(dataset / "manifest.parquet").to_pandas()
+    ok = df[df.status == "ok"]
+    assert (ids["sum-images"], ids["sum-failed"], ids["sum-cohorts"]) == (str(len(ok)), str(len(df) - len(ok)), "2")
+    assert ids["sum-patients"] == str(ok.patient_id.nunique()) == ids["sum-studies"]  # no study cohorts: one each
+    # co-occurrence: each cell counts the ok images labelled with both findings
+    cells = re.findall(r'data-a="([^"]+)" data-b="([^"]+)"[^>]*>(\d+)<', text)
+    assert {(a, b) for a, b, _ in cells} >= {("Nodule", "Support Devices"), ("Effusion", "Effusion")}
+    for a, b, v in cells:
+        assert int(v) == int(((ok[a] == 1) & (ok[b] == 1)).sum()), (a, b)
+    assert int(((ok["Nodule"] == 1) & (ok["Support Devices"] == 1)).sum()) > 0  # a pair that can be wrong
+    # laterality: the simulated backend draws each blob on the requested side, which a frontal film
+    # shows (read from the mask); a lateral film shows no side, so those images are undetermined
+    rows = re.findall(r'<tr data-finding="([^"]+)" data-requested="([^"]+)">(.*?)</tr>', text, re.S)
+    assert {f for f, _, _ in rows} == {"Effusion", "Nodule"}
+    for finding, want, row in rows:
+        got = {k: int(v) for k, v in re.findall(r'data-side="([^"]+)">(\d+)<', row)}
+        sel = ok[(ok[finding] == 1) & (ok[f"{finding}.laterality"] == want)]
+        frontal = int(sel.view.isin(["PA", "AP"]).sum())
+        assert got[want] == frontal and got["undetermined"] == len(sel) - frontal, (finding, want, got)
+        assert sum(got.values()) == len(sel)
+    # severity: one row per requested grade present
+    sev = re.search(r'<table id="severity">(.*?)</table>', text, re.S).group(1)
+    grades = ok.loc[ok.Effusion == 1, "Effusion.severity"].dropna().unique()
+    assert len(grades) and all(f"<td>{g}</td>" in sev for g in grades)
+    # timing: images/s is ok images over the generation seconds of every job
+    assert ids["rate-generate"] == f"{len(ok) / float(df.seconds_generate.fillna(0).sum()):.4g}"
+
+
+def test_missing_metrics_panel_names_what_each_needs(dataset, tmp_path, monkeypatch):
+    """After an eval with no reference and no weights: the headline shows the pixel diversity eval
+    measured, and the panel names the reference and the full weights file for the rest."""
+    from chexforge.cli import main
+    from chexforge.contracts.model_files import XRV_MODELS
+
+    monkeypatch.setenv("HOME", str(tmp_path / "nowhere"))  # an empty torchxrayvision cache
+    dest = tmp_path / "rep"
+    assert main(["eval", str(dataset), "--size", "64", "--out", str(dest)]) == 0
+    metrics = json.loads((dest / "metrics.json").read_text())
+    text = build_report(dataset, dest).read_text()
+    panel = re.search(r'<table id="missing-table">(.*?)</table>', text, re.S).group(1)
+    for metric in ("fidelity", "memorization", "adherence.findings", "adherence.sex"):
+        assert f"<code>{metric}</code>" in panel
+    assert XRV_MODELS["xrv-densenet"] in panel and "--reference" in panel and "--sex-model" in panel
+    headline = re.search(r'<table id="metrics-headline">(.*?)</table>', text, re.S).group(1)
+    assert f"{metrics['pixel_diversity']['ms_ssim_mean']:.4g}" in headline

@@ -58,9 +58,9 @@ def _q(values) -> dict:
     v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
     if not len(v):
         return {"n": 0}
-    p10, med, p90 = np.percentile(v, [10, 50, 90])
-    return {"n": int(len(v)), "mean": float(v.mean()), "min": float(v.min()), "p10": float(p10),
-            "median": float(med), "p90": float(p90), "max": float(v.max())}
+    p10, p25, med, p75, p90 = np.percentile(v, [10, 25, 50, 75, 90])
+    return {"n": int(len(v)), "mean": float(v.mean()), "min": float(v.min()), "p10": float(p10), "p25": float(p25),
+            "median": float(med), "p75": float(p75), "p90": float(p90), "max": float(v.max())}
 
 
 def _list(v) -> list:
@@ -303,6 +303,8 @@ def laterality(ok: pd.DataFrame, masks: dict[tuple[str, str], MaskInfo]) -> dict
             if side != UNDETERMINED:
                 determined += 1
                 agree += side == want
+        order = {k: i for i, k in enumerate(LATERALITIES)}
+        confusion = dict(sorted(confusion.items(), key=lambda kv: order.get(kv[0], len(order))))
         requested = {k: int(v) for k, v in rows[col].value_counts().items()}
         out[f] = {"images": int(len(rows)), "requested": requested, "realised": realised, "confusion": confusion,
                   "read_from": sources, "determined": determined,

@@ -16,11 +16,11 @@ both and writes the result.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from ..plan.summary import CohortTally, Composition, ok_mask
 from ..recipe.schema import Cohort, Recipe
 from ..store import Store, open_store
 from . import report_charts as charts
+from .dataset_stats import dataset_metrics
 
 REPORT_DIR = "report"
 IDENTITY = ("backend", "backend_version", "model", "model_hash", "sampler")
@@ -59,7 +60,13 @@ img{max-width:100%;height:auto;border:1px solid #ccc;background:#111}
 img.chart{background:#fff}
 .meta{color:#555}.na{color:#8a4b00}.bad{color:#a00}
 details{margin:.4em 0}code{background:#f4f4f4;padding:0 .25em}
-nav a{margin-right:1em}
+nav a{margin-right:1em;white-space:nowrap}
+#missing-table{width:100%;table-layout:fixed}#missing-table th:first-child{width:16%}
+#missing-table td{overflow-wrap:anywhere}
+.cards{display:flex;flex-wrap:wrap;gap:.6em;margin:.6em 0}
+.card{border:1px solid #ccc;border-radius:6px;padding:.4em .9em;background:#fafafa}
+.big{font-size:1.6em;font-weight:600;margin-right:.2em}
+table.matrix td{min-width:2.5em;text-align:center}
 """
 
 
@@ -94,51 +101,30 @@ def load_dataset(out: str | Path) -> tuple[Store, pa.Table, Recipe | None, dict]
     return store, table, recipe, raw if isinstance(raw, dict) else {}
 
 
-# ---- small HTML helpers ---------------------------------------------------------------------------
-
-
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+# ---- templates (Jinja2, autoescaped) -------------------------------------------------------------
 
 
 def _fmt(value: Any) -> str:
+    """A value as the page shows it: numbers to 4 significant digits, null as '-', booleans as
+    JSON writes them. Escaping is the template engine's (autoescape)."""
     if value is None:
         return "-"
     if isinstance(value, bool):
-        return "true" if value else "false"  # as the JSON says
+        return "true" if value else "false"
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
-            return esc(value)
+            return str(value)
         return f"{value:.4g}"
-    return esc(value)
-
-
-def _num(value: Any) -> str:
-    return f'<td class="num">{_fmt(value)}</td>'
+    return str(value)
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def _table(header: list[str], rows: list[list[str]], caption: str | None = None) -> str:
-    """`rows` hold ready-made cells (`<td>…</td>`)."""
-    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    head = "".join(f"<th scope=col>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(r) + "</tr>" for r in rows)
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _td(value: Any) -> str:
-    return f"<td>{esc(value)}</td>"
-
-
-def _img(src: str, alt: str, cls: str = "") -> str:
-    c = f' class="{cls}"' if cls else ""
-    return f'<img src="{esc(src)}" alt="{esc(alt)}"{c} loading="lazy">'
-
-
-# ---- metrics (whatever `chexforge eval` wrote) ----------------------------------------------------
+def _pct2(x: float | None) -> str:
+    """A small fraction as a percentage with two significant digits (a nodule is 0.3 % of a film)."""
+    return "-" if x is None else f"{100 * x:.2g}%"
 
 
 def _unavailable(v: Any) -> bool:
@@ -149,48 +135,52 @@ def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def _cell(v: Any) -> str:
-    """A metric value's cell: numbers right-aligned, null as '-', booleans as JSON writes them."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return _num(v)
-    return f"<td>{_fmt(v)}</td>"
+def _flat_record(v: Any) -> bool:
+    return isinstance(v, dict) and all(_scalar(x) for x in v.values())
+
+
+def _split_object(value: dict) -> dict:
+    """A JSON object's parts for the metrics tree: scalars (one metric/value table), a set of at
+    least two flat objects such as one per cohort (one table, rows = keys), and the rest (headed
+    sections). Nothing about the keys is assumed."""
+    scalars = [(k, v) for k, v in value.items() if _scalar(v)]
+    nested = [(k, v) for k, v in value.items() if not _scalar(v)]
+    flat = [(k, v) for k, v in nested if _flat_record(v) and not _unavailable(v) and v]
+    if len(flat) < 2:
+        flat = []
+    keys = {k for k, _ in flat}
+    return {"scalars": scalars, "flat": flat, "flat_columns": list(dict.fromkeys(c for _, v in flat for c in v)),
+            "nested": [(k, v) for k, v in nested if k not in keys]}
+
+
+def _heat(v: int, top: int) -> str:
+    """A cell's background: white for 0 to a mid blue for the largest count (text stays readable)."""
+    t = 0.0 if not top else min(1.0, v / top)
+    r, g, b = (round(255 - t * (255 - c)) for c in (120, 170, 225))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+@lru_cache(maxsize=1)
+def environment():
+    """The report's Jinja2 environment: templates shipped in chexforge/evaluate/templates,
+    autoescape on for every template (all dataset text is escaped), undefined names an error."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("chexforge.evaluate", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(fmt=_fmt, pct=_pct, pct2=_pct2, split_object=_split_object, heat=_heat,
+                       record_columns=lambda rows: list(dict.fromkeys(k for r in rows for k in r)),
+                       extract_diag=lambda f, matrix: matrix[f][f])
+    env.tests.update(unavailable=_unavailable, scalar=_scalar, flat_record=_flat_record)
+    return env
 
 
 def render_metrics(value: Any, depth: int = 0) -> str:
     """Nested dicts become headed sections and tables; `{"available": false, "why": ...}` becomes
     a "not available: why" line; lists of records become tables. Nothing about the keys is assumed."""
-    if _unavailable(value):
-        return f'<p class="na">not available: {esc(value.get("why") or value.get("reason") or "no reason given")}</p>'
-    if _scalar(value):
-        return f"<p>{_fmt(value)}</p>"
-    if isinstance(value, list):
-        if all(_scalar(v) for v in value):
-            return f"<p>{', '.join(_fmt(v) for v in value) or '(empty)'}</p>"
-        if all(isinstance(v, dict) and all(_scalar(x) for x in v.values()) for v in value):
-            cols = list(dict.fromkeys(k for v in value for k in v))
-            return _table(cols, [[_cell(v.get(c)) for c in cols] for v in value])
-        return "".join(render_metrics(v, depth + 1) for v in value)
-    assert isinstance(value, dict)
-    scalars = {k: v for k, v in value.items() if _scalar(v)}
-    nested = {k: v for k, v in value.items() if not _scalar(v)}
-    parts = []
-    if scalars:
-        parts.append(_table(["metric", "value"], [[f"<th scope=row>{esc(k)}</th>", _cell(v)] for k, v in scalars.items()]))
-    # A dict of flat dicts (say per cohort) reads best as one table, rows = keys.
-    flat = {k: v for k, v in nested.items() if isinstance(v, dict) and not _unavailable(v) and v
-            and all(_scalar(x) for x in v.values())}
-    if len(flat) >= 2:
-        cols = list(dict.fromkeys(c for v in flat.values() for c in v))
-        parts.append(_table(["", *cols], [[f"<th scope=row>{esc(k)}</th>", *[_cell(v.get(c)) for c in cols]]
-                                          for k, v in flat.items()]))
-    else:
-        flat = {}
-    tag = f"h{min(6, depth + 3)}"
-    for k, v in nested.items():
-        if k in flat:
-            continue
-        parts.append(f"<section><{tag}>{esc(k)}</{tag}>{render_metrics(v, depth + 1)}</section>")
-    return "".join(parts) or "<p>(empty)</p>"
+    macro = environment().get_template("macros.html.j2").module.tree
+    return str(macro(value, depth))
 
 
 def load_metrics(path: Path) -> Any:
@@ -232,6 +222,7 @@ class ReportData:
     metrics: Any  # the parsed metrics file
     pairs: bytes | None  # the nearest-pairs PNG beside the metrics, if any
     pairs_in_place: bool  # it already is the report folder's nearest_pairs.png: not copied
+    stats: dict  # dataset_stats.dataset_metrics of the manifest: summary, laterality, sizes, ...
 
     @property
     def n_ok(self) -> int:
@@ -301,135 +292,141 @@ def gather(out: str | Path, dest: Path, per_cohort: int, metrics_path: Path) -> 
         identity=_identity(ok if ok.num_rows else table), links=links,
         metrics_path=metrics_path, has_metrics=has_metrics, metrics=metrics, pairs=pairs,
         pairs_in_place=pairs is not None and pairs_path.resolve() == (dest / NEAREST_PAIRS).resolve(),
+        stats=dataset_metrics(table, recipe, store.read_bytes),
     )
 
 
 # ---- render: plain data → the page and its images -------------------------------------------------
 
 
-def _tiles(c: CohortPage, tile_px: int, store: Store) -> tuple[str, dict[str, bytes]]:
-    """The contact sheet of the shown rows and the table of what each tile is."""
+def _tiles(c: CohortPage, tile_px: int, store: Store) -> tuple[dict, dict[str, bytes]]:
+    """The contact sheet of the shown rows and what each tile is, for cohort.html.j2."""
     if not c.shown:
-        return "<p>No images to show: every job of this cohort failed, or none ran.</p>", {}
+        return {"sheet": None, "sheet_alt": "", "tiles": []}, {}
     fname = f"contact_{c.index:02d}_{c.name}.png"
     png = draw_sheet(store, c.shown, tile_px, columns=min(6, len(c.shown)))
     alt = (f"Contact sheet of cohort {c.name}: {len(c.shown)} of {c.tally.n} images with mask outlines and "
            f"boxes drawn on; each tile is described in the table that follows.")
-    rows = []
-    for k, (r, href) in enumerate(zip(c.shown, c.hrefs)):
-        masks = [m["name"] for m in r.get("masks") or []]
-        labels = sorted({b["label"] for b in r.get("realised_boxes") or []})
-        link = f'<a href="{esc(href)}">{esc(r["job_id"])}</a>' if href is not None else esc(r["job_id"])
-        rows.append([_num(k + 1), f"<td>{link}</td>", _td(r.get("view")), _td(r.get("sex")), _num(r.get("age")),
-                     _td(_findings_text(r)), _td(", ".join(masks) or "-"), _td(", ".join(labels) or "-")])
-    html_ = ("<h3>Images</h3>" + _img(fname, alt)
-             + "<details><summary>What each tile shows (left to right, top to bottom)</summary>"
-             + _table(["tile", "job", "view", "sex", "age", "findings", "masks", "boxes"], rows) + "</details>")
-    return html_, {fname: png}
+    tiles = [{"job_id": r["job_id"], "href": href, "view": r.get("view"), "sex": r.get("sex"), "age": r.get("age"),
+              "findings": _findings_text(r),
+              "masks": ", ".join(m["name"] for m in r.get("masks") or []) or "-",
+              "boxes": ", ".join(sorted({b["label"] for b in r.get("realised_boxes") or []})) or "-"}
+             for r, href in zip(c.shown, c.hrefs)]
+    return {"sheet": fname, "sheet_alt": alt, "tiles": tiles}, {fname: png}
 
 
-def _requested_vs_realised(c: CohortPage) -> tuple[str, dict[str, bytes]]:
-    chart = f"composition_{c.index:02d}_{c.name}.png"
-    png = charts.composition_chart(f"{c.name}: requested vs realised", c.composition, c.tally.n)
-    parts = ["<h3>Requested against realised</h3>"]
-    if c.spec is None:
-        parts.append('<p class="na">The recipe does not describe this cohort (or recipe.yaml is missing or '
-                     "unreadable): only what was realised is shown.</p>")
-    elif c.spec.findings == "natural":
-        parts.append('<p class="meta">Findings were drawn from the priors (findings: natural): no requested '
-                     "prevalence to compare with.</p>")
-    parts.append(_img(chart, f"Bar charts of finding prevalence, sex, age and view for cohort {c.name}: requested "
-                             "(hatched) against realised (filled); the same numbers are in the table that follows.",
-                      "chart"))
-    rows = [[_td(charts.PANEL_TITLES[panel]), _td(cat), f'<td class="num">{_pct(want)}</td>',
-             f'<td class="num">{_pct(got)}</td>', f'<td class="num">{round(got * c.tally.n)}</td>']
-            for panel in charts.PANELS for cat, want, got in c.composition[panel]]
-    parts.append("<details><summary>The numbers</summary>"
-                 + _table(["", "category", "requested", "realised", "images"], rows) + "</details>")
-    return "".join(parts), {chart: png}
-
-
-def _cohort_section(c: CohortPage, tile_px: int, store: Store) -> tuple[str, dict[str, bytes]]:
-    requested = f", {c.spec.images} requested" if c.spec is not None else ""  # images: a study's views each
+def _cohort(c: CohortPage, tile_px: int, store: Store) -> tuple[dict, dict[str, bytes]]:
     tiles, files = _tiles(c, tile_px, store)
-    comp, chart = _requested_vs_realised(c)
-    return (f'<section id="cohort-{c.index}"><h2>Cohort {esc(c.name)}</h2>'
-            f'<p class="meta">{c.tally.n} images ok, {c.tally.failed} failed{requested}</p>'
-            f"{tiles}{comp}</section>"), {**files, **chart}
+    chart = f"composition_{c.index:02d}_{c.name}.png"
+    files[chart] = charts.composition_chart(f"{c.name}: requested vs realised", c.composition, c.tally.n)
+    note = "unknown" if c.spec is None else "natural" if c.spec.findings == "natural" else ""
+    rows = [{"panel": charts.PANEL_TITLES[panel], "category": cat, "requested": want, "realised": got,
+             "images": round(got * c.tally.n)} for panel in charts.PANELS for cat, want, got in c.composition[panel]]
+    return {"index": c.index, "name": c.name, "n": c.tally.n, "failed": c.tally.failed,
+            "requested": c.spec.images if c.spec is not None else None,  # images: a study's views each
+            "chart": chart, "note": note, "composition": rows, **tiles}, files
 
 
-def _failures(d: ReportData) -> str:
-    if not d.n_failed:
-        return "<p>None: every job produced an image.</p>"
-    rows = [[_td(r["job_id"]), _td(r["cohort"]), _num(r.get("index")), f'<td class="bad">{esc(r.get("error"))}</td>']
-            for r in d.failures]
-    more = f"<p>… and {d.n_failed - MAX_FAILURES} more (see the manifest).</p>" if d.n_failed > MAX_FAILURES else ""
-    return _table(["job", "cohort", "index", "error"], rows) + more
+def _headline(m: Any) -> list[tuple[str, str, str]]:
+    """The few numbers a reader looks for first, when metrics.json has them (any other shape: none)."""
+    if not isinstance(m, dict):
+        return []
+    out = []
+
+    def get(*path):
+        v = m
+        for k in path:
+            if not isinstance(v, dict) or k not in v:
+                return None
+            v = v[k]
+        return v
+
+    fid = get("fidelity")
+    if isinstance(fid, dict) and fid.get("available"):
+        feats = get("features", "name")
+        for k, what in (("fid", "Fréchet distance to the reference features (0 = same distribution)"),
+                        ("kid_mean", "kernel distance to the reference (unbiased; near 0 = same)"),
+                        ("precision", "share of generated images inside the reference manifold"),
+                        ("recall", "share of reference images covered by the generated manifold"),
+                        ("coverage", "share of reference neighbourhoods holding a generated image")):
+            if isinstance(fid.get(k), (int, float)):
+                out.append((k, _fmt(fid[k]), what + (f" ({feats} features)" if feats else "")))
+    mem = get("memorization")
+    if isinstance(mem, dict) and mem.get("available") and "flagged" in mem:
+        out.append(("memorized", f"{mem['flagged']} of {mem.get('of', '?')}",
+                    f"generated images whose nearest reference has cosine ≥ {mem.get('threshold')}"))
+    pdiv = get("pixel_diversity")
+    if isinstance(pdiv, dict) and pdiv.get("available"):
+        out.append(("MS-SSIM within cohorts", _fmt(pdiv.get("ms_ssim_mean")),
+                    f"mean over {pdiv.get('pairs')} pairs of one cohort, different seeds (1 = identical)"))
+        out.append(("pixel correlation within cohorts", _fmt(pdiv.get("pixel_corr_mean")),
+                    "mean Pearson r of the pixels of those pairs"))
+    div = get("diversity")
+    if isinstance(div, dict) and div.get("available") and "ms_ssim_mean" in div:
+        out.append((f"MS-SSIM same {div.get('by', 'prompt')}", _fmt(div["ms_ssim_mean"]), f"over {div.get('pairs')} pairs"))
+    for key, label, field, what in (("findings", "finding AUROC", "mean_auroc", "classifier score against the requested finding"),
+                                     ("sex", "sex accuracy", "accuracy", "predicted against requested sex"),
+                                     ("age", "age MAE (years)", "mae", "predicted against requested age"),
+                                     ("segmentation", "mask Dice", "mean_dice", "predicted masks against the dataset's"),
+                                     ("boxes", "box hit rate", "hit_rate", "realised boxes found by the detector")):
+        e = get("adherence", key)
+        if isinstance(e, dict) and e.get("available") and field in e:
+            out.append((label, _fmt(e[field]), what))
+    return out
 
 
-def _metrics(d: ReportData) -> tuple[str, dict[str, bytes]]:
+def _missing(d: ReportData) -> list[dict]:
+    """Each metric that is not on the page, why, and what it needs: from metrics.json's `missing`
+    (chexforge eval writes it), else found in whatever metrics file was given, else the list of
+    what `chexforge eval` would compute; plus the dataset statistics that could not be measured."""
+    from .run import MODEL_NEEDS, REFERENCE_NEEDS, features_needs, missing
+
+    m = d.metrics
     if not d.has_metrics:
-        return ('<p class="meta">No metrics yet: run <code>chexforge eval</code> to write '
-                f"<code>{esc(d.metrics_path)}</code>, or pass <code>--metrics FILE</code>.</p>"), {}
-    out = f'<p class="meta">From <code>{esc(d.metrics_path)}</code>.</p>' + render_metrics(d.metrics)
-    if d.pairs is None:
-        return out, {}
-    out += ("<h3>Nearest pairs</h3>" + _img(
-        NEAREST_PAIRS, "Nearest pairs found by the memorization screen: each generated image beside its closest "
-        "reference image; the distances are in the metrics tables above."))
-    return out, {} if d.pairs_in_place else {NEAREST_PAIRS: d.pairs}
-
-
-def _header(d: ReportData) -> list[str]:
-    r = d.recipe
-    per = [[_td(c.name), _num(c.tally.n), _num(c.tally.failed), _num(c.spec.images if c.spec is not None else None)]
-           for c in d.cohorts]
-    per.append(["<th scope=row>total</th>", _num(d.n_ok), _num(d.n_failed), _num(r.total if r is not None else None)])
-    recipe_line = (f"recipe <code>{esc(d.name)}</code>, seed {esc(r.seed)}, backend <code>{esc(r.backend)}</code>, "
-                   f"{esc(r.output.size)} px" if r is not None
-                   else '<span class="na">recipe.yaml is missing or unreadable</span>')
-    links = [f'<a href="{esc(href)}">{what} ({rel})</a>' for href, what, rel in d.links]
-    nav = [f'<a href="#cohort-{c.index}">{esc(c.name)}</a>' for c in d.cohorts]
-    nav += ['<a href="#failures">failures</a>', '<a href="#metrics">metrics</a>']
-    return [
-        f"<h1>{esc(d.name)}</h1>",
-        f"<p>{esc(d.description)}</p>" if d.description else "",
-        f'<p class="meta">Synthetic chest radiographs made by chexforge; none depicts a real patient. {recipe_line}. '
-        f"Folder <code>{esc(d.store.root)}</code>.</p>",
-        f'<p id="counts">Jobs: <strong id="n-jobs">{d.n_jobs}</strong>; images ok: <strong id="n-ok">{d.n_ok}</strong>; '
-        f'failed: <strong id="n-failed">{d.n_failed}</strong>.</p>',
-        _table(["cohort", "ok", "failed", "requested"], per, "Images per cohort"),
-        _table(["", "value"], [[f"<th scope=row>{esc(k)}</th>", f"<td><code>{esc(v)}</code></td>"] for k, v in d.identity],
-               "Generator identity") if d.identity else "",
-        "<p>" + " · ".join(links) + "</p>" if links else "",
-        "<nav>" + "".join(nav) + "</nav>",
-    ]
+        both = f"{REFERENCE_NEEDS} and {features_needs()}"
+        out = [{"metric": "pixel_diversity", "why": "chexforge eval has not been run", "needs": "chexforge eval OUT (no reference, no weights)"},
+               {"metric": "fidelity", "why": "chexforge eval has not been run", "needs": both},
+               {"metric": "memorization", "why": "chexforge eval has not been run", "needs": both},
+               {"metric": "adherence.findings", "why": "chexforge eval has not been run", "needs": features_needs()}]
+        out += [{"metric": f"adherence.{k}", "why": "chexforge eval has not been run", "needs": v} for k, v in MODEL_NEEDS.items()]
+    elif isinstance(m, dict) and isinstance(m.get("missing"), list):
+        out = [e for e in m["missing"] if isinstance(e, dict) and not str(e.get("metric", "")).startswith("dataset.")]
+    elif isinstance(m, dict):
+        out = [e for e in missing(m) if not e["metric"].startswith("dataset.")]
+    else:
+        out = []
+    out += [{"metric": f"dataset.{k}", "why": v.get("why"), "needs": v.get("needs")}
+            for k, v in d.stats.items() if _unavailable(v)]
+    return out
 
 
 def render(d: ReportData, tile_px: int = 192) -> tuple[str, dict[str, bytes]]:
     """(index.html text, {file name: PNG bytes} it shows)."""
     files: dict[str, bytes] = {}
-    sections = []
+    cohorts = []
     for c in d.cohorts:
-        section, images = _cohort_section(c, tile_px, d.store)
-        sections.append(section)
+        view, images = _cohort(c, tile_px, d.store)
+        cohorts.append(view)
         files.update(images)
-    metrics_html, images = _metrics(d)
-    files.update(images)
-    page = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(d.name)}: chexforge report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<header>", *_header(d), "</header><main>",
-        *sections,
-        f'<section id="failures"><h2>Failed jobs ({d.n_failed})</h2>{_failures(d)}</section>',
-        f'<section id="metrics"><h2>Evaluation metrics</h2>{metrics_html}</section>',
-        f'</main><footer><p class="meta">Made by chexforge {esc(__version__)} <code>chexforge report</code>.</p></footer>',
-        "</body></html>",
-        "",
-    ])
+    dist = charts.distributions_chart(d.stats["boxes"], d.stats["masks"])
+    if dist is not None:
+        files["distributions.png"] = dist
+    if d.pairs is not None and not d.pairs_in_place:
+        files[NEAREST_PAIRS] = d.pairs
+    m = d.metrics
+    # The dataset statistics in metrics.json are shown above from the manifest itself; the tree
+    # holds everything else, as it is.
+    tree = {k: v for k, v in m.items() if k not in ("dataset", "missing")} if isinstance(m, dict) else m
+    pdiv = m.get("pixel_diversity") if isinstance(m, dict) else None
+    page = environment().get_template("page.html.j2").render(
+        d=d, css=_CSS, version=__version__, cohorts=cohorts, stats=d.stats, max_failures=MAX_FAILURES,
+        distributions="distributions.png" if dist is not None else None,
+        headline=_headline(m), tree=tree, missing=_missing(d),
+        pixel_diversity=pdiv.get("per_cohort") if isinstance(pdiv, dict) and pdiv.get("available") else None,
+        pairs=NEAREST_PAIRS if d.pairs is not None else None,
+        metrics_source=(f"chexforge eval of {m['generated'].get('source')}" if isinstance(m, dict)
+                        and isinstance(m.get("generated"), dict) else None),
+    )
     return page, files
 
 

@@ -149,3 +149,45 @@ def composition_chart(title: str, comp: dict[str, list[tuple[str, float | None, 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def distributions_chart(boxes: dict, masks: dict) -> bytes | None:
+    """One PNG: box plots (quartile box, median line, whiskers at the 10th and 90th percentiles,
+    min and max as dots) of realised box area per label and mask area per structure or finding,
+    as a percentage of the image, on a log axis (a nodule and a lung differ a hundredfold).
+    The statistics are dataset_stats' quantiles, the same numbers as the tables beside it. None
+    when neither has any."""
+    panels = [(title, {k: v[key] if key else v for k, v in stats.get(group, {}).items()})
+              for title, stats, group, key in (("realised box area per label", boxes, "per_label", "area"),
+                                               ("mask area per structure or finding", masks, "per_structure", None))
+              if stats.get("available")]
+    panels = [(t, {k: q for k, q in rows.items() if q.get("n")}) for t, rows in panels]
+    panels = [(t, rows) for t, rows in panels if rows]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    tallest = max(len(rows) for _, rows in panels)
+    fig = Figure(figsize=(12, max(2.2, 0.34 * tallest + 1.2)), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, rows) in zip(axes, panels):
+        def pc(x: float) -> float:
+            return max(100 * x, 1e-3)  # an empty mask (0 %) sits at the axis' floor, not at log(0)
+
+        stats = [{"label": f"{k} (n={q['n']})", "med": pc(q["median"]), "q1": pc(q["p25"]), "q3": pc(q["p75"]),
+                  "whislo": pc(q["p10"]), "whishi": pc(q["p90"]), "fliers": [pc(q["min"]), pc(q["max"])]}
+                 for k, q in rows.items()]
+        ax.bxp(stats, orientation="horizontal", showfliers=True, patch_artist=True,
+               boxprops={"facecolor": "#cfe0f3", "edgecolor": "#2a6fbb"}, medianprops={"color": "#a33"})
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("% of the image (log scale)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3, which="both")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

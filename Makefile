@@ -9,7 +9,9 @@
 #   make verify OUT=out/x                   re-hash every file of a dataset against its manifest
 #   make push OUT=out/x TO=pacs:104 AET=PACS   send its DICOM images and SEGs to a PACS (resumable)
 #   make report OUT=out/x                   static HTML report of a dataset: OUT/report/index.html
-#   make eval OUT=out/x REFERENCE=real/     metrics (FID/KID, PRDC, MS-SSIM, memorization): OUT/report/metrics.json
+#   make eval OUT=out/x [REFERENCE=real/]   metrics into OUT/report/metrics.json: no REFERENCE needed for composition,
+#                                           laterality/severity, sizes, diversity; REFERENCE (images folder, chexforge
+#                                           OUT, or label CSV with ARGS=--image-root DIR) adds FID/KID, PRDC, memorization
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
 
 PYTHON ?= python3
@@ -79,7 +81,7 @@ push: install  ## C-STORE OUT's DICOM images and SEGs to a PACS, e.g. make push 
 .PHONY: eval
 REFERENCE ?=
 FEATURES  ?= auto
-eval: install  ## metrics of OUT against REFERENCE (folder, chexforge OUT or label CSV) with FEATURES (default auto: real features when on disk, else those metrics say why not)
+eval: install  ## metrics of OUT (no REFERENCE or weights needed for composition, laterality/severity, sizes, diversity); REFERENCE (images folder, chexforge OUT or label CSV) with FEATURES (default auto: real features when on disk, else those metrics say what they need) adds fidelity and memorization
 	$(BIN)/chexforge eval $(OUT) $(if $(REFERENCE),--reference $(REFERENCE)) --features $(FEATURES) $(ARGS)
 
 .PHONY: report

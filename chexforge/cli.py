@@ -285,27 +285,6 @@ def verify(out: str = typer.Argument(..., help="An output folder (or URL) of `ch
         raise typer.Exit(1)
 
 
-# ---- inspect ----------------------------------------------------------------------------------
-
-
-@app.command()
-def inspect(
-    out: str = typer.Argument(..., help="An output folder (or URL) of `chexforge generate`.", show_default=False),
-    sheet: Path | None = typer.Option(None, "--sheet", help="Where to write the contact sheet (default OUT/contact_sheet.png)."),
-    n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
-    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
-) -> None:
-    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on."""
-    from .evaluate.inspect import inspect_dataset
-
-    r = inspect_dataset(out, sheet, n, overlays)
-    t = Table("cohort", "images", *r.findings, title=f"{out}: {r.ok} images, {r.failed} failed")
-    for c in r.cohorts:
-        t.add_row(c["cohort"], str(c["images"]), *[str(c["counts"].get(f, 0)) for f in r.findings])
-    out_console.print(t)
-    if r.sheet is not None:
-        out_console.print(f"contact sheet: {r.sheet}")
-
 # ---- push -------------------------------------------------------------------------------------
 
 
@@ -348,6 +327,27 @@ def push(
     if report.failed:
         raise typer.Exit(1)
 
+
+# ---- inspect ----------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    out: str = typer.Argument(..., help="An output folder (or URL) of `chexforge generate`.", show_default=False),
+    sheet: Path | None = typer.Option(None, "--sheet", help="Where to write the contact sheet (default OUT/contact_sheet.png)."),
+    n: int = typer.Option(24, "--n", min=1, help="Images on the contact sheet."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw masks and boxes on the images."),
+) -> None:
+    """Counts per cohort and label, and a contact sheet PNG with masks and boxes drawn on."""
+    from .evaluate.inspect import inspect_dataset
+
+    r = inspect_dataset(out, sheet, n, overlays)
+    t = Table("cohort", "images", *r.findings, title=f"{out}: {r.ok} images, {r.failed} failed")
+    for c in r.cohorts:
+        t.add_row(c["cohort"], str(c["images"]), *[str(c["counts"].get(f, 0)) for f in r.findings])
+    out_console.print(t)
+    if r.sheet is not None:
+        out_console.print(f"contact sheet: {r.sheet}")
 
 
 # ---- report -----------------------------------------------------------------------------------

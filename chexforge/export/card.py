@@ -162,11 +162,13 @@ def build_card(manifest, recipe: dict, summary: hf.HfSummary | None = None) -> s
         "## Layout",
         "",
         "- `images/<cohort>/<job_id>.png`: 16-bit grayscale PNG, MONOCHROME2 (bright = dense)",
-        "- `dicom/<cohort>/<job_id>.dcm`: DICOM DX For Presentation, marked DERIVED\\SECONDARY and synthetic",
+        "- `dicom/<cohort>/<job_id>.dcm`: DICOM DX For Presentation, marked DERIVED\\SECONDARY and synthetic "
+        "(SyntheticData YES); `dicom/<cohort>/<job_id>_seg.dcm`: its masks as a DICOM SEG",
         "- `masks/<cohort>/<job_id>_<structure>.png`: 8-bit masks (255 inside)",
         f"- `{hf.METADATA}`: one row per ok image, the rows `datasets.load_dataset` reads (paths relative to this folder)",
-        "- `coco.json`: boxes in COCO format; `manifest.parquet`: one row per job, every label and file "
-        "with its SHA-256; `recipe.yaml`: the resolved recipe",
+        "- `coco.json`: boxes and masks (RLE) in COCO format, image ids stable across shards and merge; "
+        "`datalist.json`: the MONAI datalist (image, multi-hot label, masks, boxes)",
+        "- `manifest.parquet`: one row per job, every label and file with its SHA-256; `recipe.yaml`: the resolved recipe",
         "",
         *_loading(summary),
         "## Licence",

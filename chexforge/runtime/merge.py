@@ -108,7 +108,7 @@ def _write(target: Store, taken: list[tuple[Store, dict]], deduped: int, recipe_
     merged = mf.rows_to_table(rows_out)
     if recipe_json:
         merged = with_recipe(merged, recipe_json)
-    for rel in (mc.MANIFEST, "recipe.yaml", "coco.json", "datalist.json", "README.md"):
+    for rel in (mc.MANIFEST, "recipe.yaml", "coco.json", "datalist.json", "metadata.parquet", "README.md"):
         if not target.exists(rel):
             created.append(rel)
     target.write_bytes(mc.MANIFEST, table_bytes(merged))

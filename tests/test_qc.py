@@ -489,6 +489,11 @@ def test_xrv_state_dict_in_torchxrayvision_layout_and_label_order(tmp_path, monk
     from chexforge.qc.models import Classifier, op_norm
 
     cache = _xrv_home(tmp_path, monkeypatch)
+    # Another test of the session may have imported torchxrayvision (tests/test_loaders.py mixes
+    # datasets with it): take it out of sys.modules for this test (monkeypatch puts it back), so
+    # the last line still shows that QC never imports it.
+    for name in [m for m in sys.modules if m == "torchxrayvision" or m.startswith("torchxrayvision.")]:
+        monkeypatch.delitem(sys.modules, name)
     weights, expect = cache / XRV_MODELS["xrv-densenet"], tmp_path / "expect.pt"
     make = XRV_STUB + f"""
 import torch, torchxrayvision as xrv

@@ -496,7 +496,8 @@ def train(
     steps: int = typer.Option(1000, "--steps", min=1, help="Total optimisation steps."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     lr: float = typer.Option(1e-4, "--lr", min=0),
-    ema: float = typer.Option(0.9999, "--ema", min=0, max=1, help="EMA decay of the exported weights."),
+    ema: float = typer.Option(0.9999, "--ema", min=0, max=1, help="EMA decay of the exported weights (the most it reaches with the warm-up)."),
+    ema_warmup: bool = typer.Option(True, "--ema-warmup/--no-ema-warmup", help="Decay min(ema, (1+step)/(10+step)), so short runs export trained weights."),
     caption_dropout: float = typer.Option(0.1, "--caption-dropout", min=0, max=1),
     save_every: int = typer.Option(500, "--save-every", min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, "--seed"),
@@ -516,11 +517,11 @@ def train(
     )
 
     from .models.pipeline import ChexforgePipeline
-    from .models.train import TrainConfig, latest_checkpoint
+    from .models.train import TrainConfig, ema_status, latest_checkpoint
     from .models.train import train as run_training
 
     pipe = ChexforgePipeline.load(model)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, caption_dropout=caption_dropout,
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, ema_warmup=ema_warmup, caption_dropout=caption_dropout,
                       save_every=save_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
                       freeze_base=freeze_base, vae_steps=vae_steps, device=device)
     start = latest_checkpoint(run)
@@ -541,8 +542,13 @@ def train(
         losses = run_training(pipe, data, run, cfg, image_root, on_step, on_cache)
     if losses:
         k = max(1, min(50, len(losses) // 5))
+        status = ema_status(cfg, steps)  # a run always ends at --steps (a resumed one too)
+        if status.lagging:  # the loss is the raw weights'; the exported EMA ones are behind them
+            err.print(f"[yellow]warning:[/yellow] the exported EMA weights lag the trained ones ({100 * status.initial_weight:.3g} % "
+                      f"initial weights, averaging about {status.horizon:,.0f} steps of {steps:,}); "
+                      "train longer, lower --ema or keep --ema-warmup", highlight=False, soft_wrap=True)
         out_console.print(f"loss: first {k} steps {sum(losses[:k]) / k:.4f} → last {k} steps {sum(losses[-k:]) / k:.4f}; "
-                          f"model with EMA weights in {run / 'model'}")
+                          f"model with {status.describe()} in {run / 'model'}")
 
 
 # ---- audit and balance ------------------------------------------------------------------------

@@ -42,6 +42,22 @@ class BackendInfo:
     def options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options_class()(**raw)
 
+    def identity_options(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The options that decide a job's pixels: `raw` without those its options model marks
+        `json_schema_extra={"pixels": False}` (speed and memory settings such as batch_size). Job
+        ids and seeds hash these, so changing a batch size keeps every job. Where nothing is
+        marked (the DRR backend), this is `raw` itself and ids are what they always were."""
+        fields = self.options_class().model_fields
+        speed = {k for k, f in fields.items() if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("pixels") is False}
+        return {k: v for k, v in raw.items() if k not in speed}
+
+    def model_problem(self, folder: Any) -> str | None:
+        """What is wrong with `model:` for this backend, from the folder's files alone (None: fine)."""
+        if self.model_check is None:
+            return None
+        module, fn = self.model_check.split(":")
+        return getattr(importlib.import_module(module), fn)(folder)
+
     def check_options(self, raw: dict[str, Any]) -> list[tuple[tuple, str]]:
         try:
             self.options(raw)

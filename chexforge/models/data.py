@@ -57,8 +57,8 @@ def _from_manifest(path: Path) -> list[Example]:
     for r in df.itertuples(index=False):
         masks = {m["name"]: root / m["path"] for m in (r.masks if r.masks is not None else []) if m["name"] in FINDING_NAMES}
         boxes = [dict(b) for b in (r.realised_boxes if r.realised_boxes is not None else [])]
-        out.append(Example(root / r.image_png, r.prompt, {"sex": r.sex, "age": r.age, "race": r.race, "view": r.view},
-                           boxes, masks))
+        job = {k: _value(getattr(r, k, None)) for k in ("sex", "age", "race", "view")}
+        out.append(Example(root / r.image_png, r.prompt, job, boxes, masks))
     if not out:
         raise UserError("the manifest has no finished images", path)
     return out
@@ -77,7 +77,7 @@ def _from_csv(path: Path, root: Path) -> list[Example]:
     out = []
     for i, row in enumerate(df.to_dict("records"), start=2):
         job = {"sex": _sex(row.get("Sex") or row.get("sex")), "age": _age(row.get("Age") or row.get("age")),
-               "race": row.get("race") or row.get("Race") or None, "view": row.get("AP/PA") or row.get("view") or "PA"}
+               "race": _value(row.get("race")) or _value(row.get("Race")) or None, "view": row.get("AP/PA") or row.get("view") or "PA"}
         if text_col and isinstance(row.get(text_col), str):
             prompt = row[text_col]
         else:
@@ -93,6 +93,15 @@ def _from_csv(path: Path, root: Path) -> list[Example]:
     if not out:
         raise UserError("the CSV has no rows", path)
     return out
+
+
+def _value(v):
+    """A manifest cell, or None where it is missing (pandas reads an empty cell as NaN, which the
+    caption would otherwise print as `race:nan`)."""
+    try:
+        return None if pd.isna(v) else v
+    except (TypeError, ValueError):  # list-like cells are values
+        return v
 
 
 def _positive(v) -> bool:

@@ -51,16 +51,25 @@ class Conditioning:
 
 
 def demographic_prefix(job: dict[str, Any], style: str) -> str:
+    """The one prompt prefix of training captions and sampling prompts alike. A missing value
+    (None, NaN as pandas reads an empty manifest cell, or an empty string) is left out, so a
+    caption built from a manifest equals the prompt the sampler builds for the same job."""
     if style == "none":
         return ""
     parts = []
     if job.get("sex") in ("F", "M"):
         parts.append(f"sex:{'Female' if job['sex'] == 'F' else 'Male'}")
-    if job.get("age") is not None:
+    if _given(job.get("age")):
         parts.append(f"age:{int(job['age'])}")
-    if job.get("race"):
+    if _given(job.get("race")):
         parts.append(f"race:{job['race']}")
     return (", ".join(parts) + ". ") if parts else ""
+
+
+def _given(v: Any) -> bool:
+    if v is None or (isinstance(v, float) and v != v):  # NaN is not a value
+        return False
+    return bool(str(v).strip()) and str(v).strip().lower() not in ("nan", "none", "<na>")
 
 
 class ChexforgePipeline:

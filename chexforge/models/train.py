@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema, (1+step)/(10+step)): a short run exports trained weights
     caption_dropout: float = 0.1
     control_dropout: float = 0.1
     save_every: int = 500
@@ -96,6 +97,9 @@ def _cache_key(examples: list[Example], size: int, pipe: ChexforgePipeline) -> s
     import hashlib
 
     h = hashlib.sha256(f"{size}|{pipe.conditioning.prefix}|{pipe.text_encoder.kind}".encode())
+    # The latents are stored scaled: a VAE with another scaling factor (a refit, or one loaded
+    # from elsewhere) must not be served these latents, even with equal weights.
+    h.update(f"|scale={vae_ops.scale_of(pipe.vae)!r}".encode())
     for _, t in sorted(pipe.vae.state_dict().items()):  # latents belong to one VAE
         h.update(t.detach().cpu().contiguous().numpy().tobytes()[:4096])
     for e in examples:
@@ -230,9 +234,10 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         opt.step()
+        decay = ema_decay(cfg, step)
         with torch.no_grad():
             for k, p in params.items():
-                ema[k].lerp_(p.detach(), 1 - cfg.ema)
+                ema[k].lerp_(p.detach(), 1 - decay)
         step += 1
         losses.append(float(loss.detach()))
         if on_step:
@@ -241,6 +246,37 @@ def train(pipe: ChexforgePipeline, data: str | Path, run: str | Path, cfg: Train
             save_checkpoint(run, step, params, ema, opt, rng, noise_rng, cfg, losses)
     export_ema(pipe, params, ema, run / "model")
     return losses
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """The EMA decay of update `step` (0-based). With the warm-up (as in common diffusion training
+    code), early updates average over the steps so far rather than over 1/(1-ema) steps: with a
+    constant 0.9999, 500 steps leave 95 % of the initial (random) weights in the EMA."""
+    return min(cfg.ema, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema
+
+
+@dataclass
+class EmaStatus:
+    steps: int
+    initial_weight: float  # share of the initial weights still in the EMA
+    horizon: float  # 1/(1-decay) of the last update: the steps it averages over
+    lagging: bool
+
+    def describe(self) -> str:
+        return (f"EMA weights (last decay {1 - 1 / self.horizon:.4g}, averaging about the last {self.horizon:,.0f} "
+                f"steps; {100 * self.initial_weight:.3g} % initial weights)")
+
+
+def ema_status(cfg: TrainConfig, steps: int) -> EmaStatus:
+    """How far the exported EMA weights are from the trained ones after `steps` updates. They lag
+    when they average over more steps than ran, or keep over 1 % of the initial weights."""
+    log_w, decay = 0.0, 0.0
+    for s in range(steps):
+        decay = ema_decay(cfg, s)
+        log_w += math.log(decay) if decay > 0 else -math.inf
+    horizon = 1 / (1 - decay) if decay < 1 else math.inf
+    w = math.exp(log_w) if steps else 1.0
+    return EmaStatus(steps, w, horizon, horizon > steps or w > 0.01)
 
 
 def fit_vae(pipe: ChexforgePipeline, examples: list[Example], folder: Path, size: int, cfg: TrainConfig,
@@ -253,7 +289,7 @@ def fit_vae(pipe: ChexforgePipeline, examples: list[Example], folder: Path, size
     """
     from diffusers import AutoencoderKL
 
-    if (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():  # fitted (and scaled) earlier in this run
         pipe.vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False).to(pipe.device).eval()
         return
     images = torch.from_numpy(np.stack([read_gray(e.image, size) for e in examples]))
@@ -272,11 +308,25 @@ def fit_vae(pipe: ChexforgePipeline, examples: list[Example], folder: Path, size
         if progress:
             progress(step + 1, cfg.vae_steps)
     vae.eval()
+    # Stable Diffusion's 0.18215 is 1/std of *its* VAE's latents; a VAE fitted here has latents of
+    # another spread (about 0.93 for the tiny VAE on DRR images, giving cached latents of std 0.17,
+    # a near-silent signal against unit noise). Set the factor as SD did: 1/std of the latents of
+    # the training set (posterior means, as the cache encodes them), so the diffusion model sees
+    # unit-variance latents. It is saved in the VAE's config.json and so travels with the model.
+    vae.register_to_config(scaling_factor=latent_scale(vae, images, pipe.device))
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+@torch.no_grad()
+def latent_scale(vae, images: torch.Tensor, device: torch.device) -> float:
+    """1/std of the unscaled posterior-mean latents of `images` (N, H, W) in [0, 1]."""
+    z = torch.cat([vae.encode(vae_ops.to_rgb(images[i:i + 16]).to(device)).latent_dist.mean.float().cpu()
+                   for i in range(0, len(images), 16)])
+    return float(1.0 / z.std().clamp_min(1e-6))
 
 
 def export_ema(pipe: ChexforgePipeline, params: dict, ema: dict, folder: Path) -> None:

@@ -44,7 +44,7 @@ def cohort_key(recipe: Recipe, cohort: Cohort) -> int:
     material = {
         "seed": recipe.seed,
         "backend": recipe.backend,
-        "options": recipe.backend_options,
+        "options": backend_info(recipe.backend).identity_options(recipe.backend_options),  # not batch sizes
         "size": recipe.output.size,
         "cohort": spec,
     }

@@ -57,6 +57,7 @@ class DiffusionBackend:
         if self.kind == "chexforge":
             c = self.pipe.conditioning
             sampler.update(prefix=c.prefix, guidance_text=o.guidance_text if o.guidance_text is not None else c.guidance_text)
+        sampler.update(_steps_run(self, o))  # the steps that run, not the option's None
         return {"backend": "diffusion", "backend_version": __version__, "model": self.folder.name,
                 "model_hash": self.model_hash, "sampler": sampler}
 
@@ -113,6 +114,20 @@ class DiffusionBackend:
             images = self.pipe(**kwargs).images
         images = np.asarray(images, dtype=np.float32)
         return images.mean(-1) if images.ndim == 4 else images
+
+
+def _steps_run(backend: DiffusionBackend, o: DiffusionOptions) -> dict[str, Any]:
+    """The step count and scheduler a sampling call uses, for the manifest's sampler JSON."""
+    if backend.kind == "chexforge":
+        from ...models import schedulers
+
+        sched = schedulers.sampler(o.sampler, backend.pipe.train_scheduler.config)
+        return {"steps": o.steps or schedulers.DEFAULT_STEPS[o.sampler], "scheduler": type(sched).__name__}
+    import inspect
+
+    default = inspect.signature(backend.pipe.__call__).parameters.get("num_inference_steps")
+    steps = o.steps or (default.default if default is not None and default.default is not inspect.Parameter.empty else None)
+    return {"steps": steps, "scheduler": type(getattr(backend.pipe, "scheduler", None)).__name__}
 
 
 def _by_size(jobs: list[dict[str, Any]]) -> dict[int, list[int]]:

@@ -6,6 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Options marked SPEED change how fast or in how much memory images are made, not their pixels
+# (each job has its own generator: its noise does not depend on its batch). They are left out of
+# the hashed identity of job ids and seeds (contracts.backends.BackendInfo.identity_options), so
+# a dataset can be resumed with another batch size.
+SPEED = {"pixels": False}
+
+
 
 class DiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,7 +25,8 @@ class DiffusionOptions(BaseModel):
     prefix: Literal["chexgen", "none"] | None = Field(None, description="demographics as a text prefix (default: the model's)")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    batch_size: int = Field(8, ge=1, le=1024)
-    compile: bool = Field(False, description="torch.compile the transformer")
-    fused_qkv: bool = Field(False, description="fuse the attention q/k/v projections")
-    vae_slice: int = Field(4, ge=1, le=256, description="images decoded by the VAE at a time (bounds memory)")
+    batch_size: int = Field(8, ge=1, le=1024, json_schema_extra=SPEED)
+    compile: bool = Field(False, description="torch.compile the transformer", json_schema_extra=SPEED)
+    fused_qkv: bool = Field(False, description="fuse the attention q/k/v projections", json_schema_extra=SPEED)
+    vae_slice: int = Field(4, ge=1, le=256, description="images decoded by the VAE at a time (bounds memory)",
+                          json_schema_extra=SPEED)

@@ -34,6 +34,7 @@ class BackendInfo:
     seconds_per_image: dict[str, float] = field(default_factory=dict)  # rough CPU figures at 256², for plan estimates
     mask_layouts: tuple[str, ...] | None = None  # layouts under which anatomy masks can be drawn (None: any)
     ages: tuple[int, int] = (0, 120)  # the patients' ages (years) it can make faithfully
+    model_check: str | None = None  # "module:function" (pure: no torch): why a model folder cannot serve, or None
 
     def options_class(self) -> type[BaseModel]:
         module, cls = self.options_model.split(":")
@@ -58,6 +59,13 @@ class BackendInfo:
         module, fn = self.model_check.split(":")
         return getattr(importlib.import_module(module), fn)(folder)
 
+    def model_problem(self, folder: Any) -> str | None:
+        """What is wrong with `model:` for this backend, from the folder's files alone (None: fine)."""
+        if self.model_check is None:
+            return None
+        module, fn = self.model_check.split(":")
+        return getattr(importlib.import_module(module), fn)(folder)
+
     def check_options(self, raw: dict[str, Any]) -> list[tuple[tuple, str]]:
         try:
             self.options(raw)
@@ -68,14 +76,16 @@ class BackendInfo:
         return []
 
 
+# The 14 CheXpert labels and the lesion classes, each inserted in 3-D (drr/findings_place.py).
+BACKENDS_DRR_FINDINGS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                         "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion",
+                         "Pleural Other", "Fracture", "Support Devices", "Nodule", "Mass")
+
 BACKENDS: dict[str, BackendInfo] = {
     "drr": BackendInfo(
         name="drr",
         summary="physics-based radiographs rendered from a real chest CT (CPU or GPU)",
-        # The 14 CheXpert labels and the lesion classes, each inserted in 3-D (drr/findings_place.py).
-        findings=("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-                  "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion",
-                  "Pleural Other", "Fracture", "Support Devices", "Nodule", "Mass"),
+        findings=BACKENDS_DRR_FINDINGS,
         anatomy=("lungs", "lung_left", "lung_right", "heart"),
         views=("PA", "AP", "LL"),
         layouts=("physics",),
@@ -99,6 +109,23 @@ BACKENDS: dict[str, BackendInfo] = {
         needs_model=True,
         mask_layouts=("prior",),  # anatomy masks come from the prior mask library
         seconds_per_image={"cpu": 2.0},
+    ),
+    "hybrid": BackendInfo(
+        name="hybrid",
+        summary="physics-anchored diffusion: the DRR backend's virtual patient (exact masks, boxes, geometry) "
+                "drawn by a diffusion model's control branch, optionally denoised from the DRR image",
+        findings=BACKENDS_DRR_FINDINGS,
+        anatomy=("lungs", "lung_left", "lung_right", "heart"),
+        views=("PA", "AP", "LL"),
+        layouts=("physics",),  # the DRR places every finding: its masks and boxes are the layout
+        options_model="chexforge.backends.hybrid.options:HybridOptions",
+        factory="chexforge.backends.hybrid.backend:HybridBackend",
+        needs_model=True,
+        model_check="chexforge.backends.hybrid.options:model_problem",  # a control branch is required
+        seconds_per_image={"cpu": 2.6},  # a DRR render plus a diffusion sample
+        ages=(18, 120),  # the DRR's adult chest CTs
+        default_anatomy=("lungs", "heart"),
+        default_layout="physics",
     ),
     "simulated": BackendInfo(
         name="simulated",

@@ -184,8 +184,12 @@ class ChexforgePipeline:
     def sample(self, prompts: list[str], generators: list[torch.Generator], size: int,
                control: torch.Tensor | None = None, steps: int | None = None, sampler: str = "dpm++",
                guidance_text: float | None = None, guidance_control: float | None = None,
-               control_strength: float = 1.0, vae_slice: int = 4, autocast: bool = False) -> np.ndarray:
+               control_strength: float = 1.0, vae_slice: int = 4, autocast: bool = False,
+               init: torch.Tensor | None = None, init_strength: float = 1.0) -> np.ndarray:
         """Images (B, size, size) float32 in [0, 1].
+
+        `init` (B, 3, size, size) in [-1, 1] with `init_strength` < 1: partial denoising from those
+        images, as diffusers' img2img does (`_init_latents`); without it, sampling from noise.
 
         One `torch.Generator` per prompt: a job's noise, hence its pixels, does not depend on the
         other jobs in the batch. Classifier-free guidance runs as one batched forward: (text,
@@ -202,6 +206,9 @@ class ChexforgePipeline:
         c_in = self.transformer.config.in_channels
         x = torch.stack([torch.randn(c_in, latent, latent, generator=g) for g in generators]).to(self.device)
         x = x * sched.init_noise_sigma
+        timesteps = sched.timesteps
+        if init is not None and init_strength < 1.0:
+            x, timesteps = self._init_latents(sched, init, x, init_strength)
 
         text, text_keep = self.encode_text(prompts)
         null, null_keep = self.null_text(n)
@@ -220,7 +227,7 @@ class ChexforgePipeline:
             strength = torch.cat([on, on] + ([torch.zeros_like(on)] if three else []))
 
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else _null_ctx()
-        for t in sched.timesteps:
+        for t in timesteps:
             model_in = sched.scale_model_input(torch.cat([x] * rows), t)
             timestep = t.expand(model_in.shape[0]).to(self.device)
             with ctx:
@@ -237,6 +244,21 @@ class ChexforgePipeline:
             model_out = torch.cat([guided, rest.chunk(rows)[0]], 1) if keep_var else guided
             x = sched.step(model_out, t, x, generator=list(generators), return_dict=False)[0]
         return vae_ops.decode(self.vae, x, vae_slice).cpu().numpy().astype(np.float32)
+
+
+    def _init_latents(self, sched, init: torch.Tensor, noise: torch.Tensor, strength: float):
+        """Start the chain part-way (img2img): the last `round(steps * strength)` of the sampler's
+        steps run, from the VAE latents of `init` noised to the first of them with the job's own
+        noise draw (so the seed still decides the pixels). No step left: the latents themselves."""
+        steps = len(sched.timesteps)
+        start = steps - min(steps, int(round(steps * max(strength, 0.0))))
+        if hasattr(sched, "set_begin_index"):  # multistep solvers index their sigmas from here
+            sched.set_begin_index(start * sched.order)
+        timesteps = sched.timesteps[start * sched.order:]
+        x0 = vae_ops.encode(self.vae, init.to(self.device)).float()
+        if len(timesteps) == 0:
+            return x0, timesteps
+        return sched.add_noise(x0, noise, timesteps[:1].repeat(len(x0))), timesteps
 
 
 class _null_ctx:

@@ -457,6 +457,11 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     info = backend_info(recipe.backend)
     if info.needs_model and recipe.model is None:
         problems.append((("backend",), f"the {recipe.backend} backend needs `model: PATH` (a local model folder)"))
+    if recipe.model is not None and recipe._base_dir is not None:  # a folder that is there, but cannot serve
+        folder = recipe.resolve_path(recipe.model)
+        problem = info.model_problem(folder) if folder.is_dir() else None
+        if problem:
+            problems.append((("model",), problem))
     option_problems = info.check_options(recipe.backend_options)
     for key, message in option_problems:
         problems.append((("backend_options", *key), message))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .ct import MU_WATER, Phantom, lung_profile
+from .ct import MU_WATER, Phantom, label_in, lung_profile
 from .patient import Patient
 from .project import Warp
 
@@ -96,12 +96,12 @@ def landmarks(ph: Phantom) -> Landmarks:
             arch = np.array([top[:, 0].min(), top[:, 1].mean(), top[:, 2].max()])
     spine_ids = ph.ids(THORACIC)
     if spine_ids:
-        vidx = mm(np.argwhere(np.isin(labels, spine_ids)))
+        vidx = mm(np.argwhere(label_in(labels, spine_ids)))
         spine = (float(vidx[:, 0].mean()), float(vidx[:, 1].mean()), float(vidx[:, 2].min()), float(vidx[:, 2].max()))
     else:
         spine = ((lung_lo[0] + lung_hi[0]) / 2, float(lung_lo[1]), float(lung_lo[2]), float(lung_hi[2]))
     grid = tuple(np.linspace(0, n - 1, max(2, int(np.ceil((n - 1) * s / GRID_MM)) + 1)) for n, s in zip(ph.shape, sp))
-    girdle, scap = (_coarse_weight(np.isin(labels, ph.ids(names)), grid, sp) for names in (GIRDLE, SCAPULAE))
+    girdle, scap = (_coarse_weight(label_in(labels, ph.ids(names)), grid, sp) for names in (GIRDLE, SCAPULAE))
     ribcage, depth_ratio = _ribcage(ph, grid[2], width)
     # The ratio as a frontal film measures it: widest row of the heart's and the lungs' shadows.
     ctr = _widest_row(heart) * sp[0] / width if heart.any() else float(2 * radii[0] / width)
@@ -132,7 +132,7 @@ def _ribcage(ph: Phantom, zs: np.ndarray, width: float) -> tuple[np.ndarray, flo
     """Per coarse level: the rib cage's centre and half axes and the soft tissue outside it (mm),
     from the ribs' extent where there are ribs (else the body's, shrunk), and the cage's depth/width."""
     sp = np.array(ph.spacing)
-    ribs = np.isin(ph.labels.numpy(), [i for n, i in ph.structures.items() if n.startswith("rib_")])
+    ribs = label_in(ph.labels.numpy(), [i for n, i in ph.structures.items() if n.startswith("rib_")])
     body = ph.mu.numpy() > 0.5 * MU_WATER
     lungs = ph.lungs["left"] | ph.lungs["right"]
     rows, ratio = [], []

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .ct import LUNG_LEFT, LUNG_RIGHT, MU_WATER, Phantom
+from .ct import LUNG_LEFT, LUNG_RIGHT, MU_WATER, Phantom, label_in
 
 SOFT_TISSUE_HU = 35.0
 FLUID_HU = 12.0
@@ -132,11 +132,11 @@ class Inserter:
             if not ids:
                 return None
             labels = self.ph.labels.numpy()
-            idx = np.argwhere(np.isin(labels, ids))
+            idx = np.argwhere(label_in(labels, ids))
             if len(idx) == 0:
                 return None
             origin, stop = self.clip_box(idx.min(0) - margin, idx.max(0) + 1 + margin)
-            return Region(origin, stop, np.isin(labels[_box(origin, stop)], ids))
+            return Region(origin, stop, label_in(labels[_box(origin, stop)], ids))
         return self.cached(("region", names, margin), make)
 
     def lung(self, side: str) -> Region:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
-from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, cache_dir
+from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, cache_dir, label_in
 from .options import library_subjects, nifti_problem, subject_problem
 
 EDGE_MM = 5.0  # lungs closer than this to the first or last slice count as cut off
@@ -73,7 +73,7 @@ def _anatomy_problem(folder: Path) -> str | None:
 
         def region(wanted):
             ids = [ids_of[n] for n in wanted if n in ids_of]
-            return (np.isin(labels, ids), img.header.get_zooms()) if ids else (None, None)
+            return (label_in(labels, ids), img.header.get_zooms()) if ids else (None, None)
     for what, names in (("left lung", LUNG_LEFT), ("right lung", LUNG_RIGHT), ("heart", HEART)):
         mask, zooms = region(names)
         if mask is None or not mask.any():

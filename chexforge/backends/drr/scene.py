@@ -19,7 +19,16 @@ import numpy as np
 import torch
 
 from . import imaging
-from .ct import HEART, LUNG_LEFT, LUNG_RIGHT, Phantom, choose_level, ct_spacing, load_phantom
+from .ct import (
+    HEART,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    Phantom,
+    choose_level,
+    ct_spacing,
+    label_in,
+    load_phantom,
+)
 from .findings import Inserter
 from .geometry import FIELD_MM, VIEWS, Geometry
 from .library import LRU
@@ -88,7 +97,7 @@ class Scenes:
     def _build(self, ph: Phantom, inserter: Inserter, axis: int, source: str) -> Scene:
         labels = ph.labels.numpy()
         tissue = [ph.mu] + ([imaging.bone_density(ph.mu)] if self.polychromatic else [])  # bone: imaging.py
-        anatomy = [torch.from_numpy(np.isin(labels, ph.ids(names)).astype(np.float32)) for names in ANATOMY.values()]
+        anatomy = [torch.from_numpy(label_in(labels, ph.ids(names)).astype(np.float32)) for names in ANATOMY.values()]
         tissue_slabs, anatomy_slabs = (Slabs.from_xyz(torch.stack(c).to(self.device), axis=axis) for c in (tissue, anatomy))
         span = tissue_slabs.with_span().span
         return Scene(ph, inserter, Slabs(tissue_slabs.data, axis, span), Slabs(anatomy_slabs.data, axis, span),

@@ -49,7 +49,11 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(h, 2 * h)
         self.proj = nn.Linear(h, h)
 
-    def forward(self, x, y):
+    def forward(self, x, y, mask=None):
+        """`mask` (B, L), 1 = keep: as ChexGen's forward does (masked_select of the kept caption
+        tokens, then xformers' block-diagonal attention), row i attends to its own kept tokens only."""
+        if mask is not None:
+            return torch.cat([self.forward(x[i:i + 1], y[i:i + 1, mask[i] != 0]) for i in range(len(x))])
         b, n, c = x.shape
         q = self.q_linear(x).reshape(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv_linear(y).reshape(b, y.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
@@ -74,12 +78,12 @@ class Block(nn.Module):
         self.mlp = Mlp(h, 4 * h, h)
         self.shift_scale_gate_table = nn.Parameter(torch.randn(6, h) / h**0.5)
 
-    def forward(self, x, y, t0):
+    def forward(self, x, y, t0, mask=None):
         b, _, h = x.shape
         sm, cm, gm, sf, cf, gf = (self.shift_scale_gate_table[None] + t0.reshape(b, 6, -1)).chunk(6, dim=1)
         norm = lambda z: F.layer_norm(z, (h,), eps=1e-6)  # noqa: E731
         x = x + gm * self.attn(norm(x) * (1 + cm) + sm)
-        x = x + self.cross_attn(x, y)
+        x = x + self.cross_attn(x, y, mask)
         return x + gf * self.mlp(norm(x) * (1 + cf) + sf)
 
 
@@ -141,14 +145,14 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], hw, hw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, hw * p, hw * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, mask=None):
         hw = x.shape[-1] // self.patch
         x = self.embed(x)
         t = self.t_embedder(t)
         t0 = self.t_block(t)
         y = self.y_embedder(y)
         for block in self.blocks:
-            x = block(x, y, t0)
+            x = block(x, y, t0, mask)
         return self.head(x, t, hw)
 
 
@@ -170,19 +174,19 @@ class ControlDiT(nn.Module):
         h = base.pos_embed.shape[-1]
         self.controlnet = nn.ModuleList([ControlUnit(copy.deepcopy(base.blocks[i]), h, i == 0) for i in range(n)])
 
-    def forward(self, x, t, y, c):
+    def forward(self, x, t, y, c, mask=None):
         b = self.base_model
         hw = x.shape[-1] // b.patch
         x, c = b.embed(x), b.embed(c)
         t = b.t_embedder(t)
         t0 = b.t_block(t)
         y = b.y_embedder(y)
-        x = b.blocks[0](x, y, t0)
+        x = b.blocks[0](x, y, t0, mask)
         for i, unit in enumerate(self.controlnet):
-            c = unit.copied_block(x + unit.before_proj(c), y, t0) if i == 0 else unit.copied_block(c, y, t0)
-            x = b.blocks[i + 1](x + unit.after_proj(c), y, t0)
+            c = unit.copied_block(x + unit.before_proj(c), y, t0, mask) if i == 0 else unit.copied_block(c, y, t0, mask)
+            x = b.blocks[i + 1](x + unit.after_proj(c), y, t0, mask)
         for block in b.blocks[len(self.controlnet) + 1:]:
-            x = block(x, y, t0)
+            x = block(x, y, t0, mask)
         return b.head(x, t, hw)
 
 

@@ -122,14 +122,15 @@ def test_control_image_draws_class_colours():
 # ---- ChexGen checkpoints ----------------------------------------------------------------------
 
 
-def chexgen_checkpoint(path, control: bool = False):
-    """A tiny checkpoint in ChexGen's released layout: module. prefixes, state_dict + state_dict_ema."""
+def chexgen_checkpoint(path, control: bool = False, dtype: torch.dtype = torch.float32, control_blocks: int = 2):
+    """A tiny checkpoint in ChexGen's released layout: module. prefixes, state_dict + state_dict_ema;
+    `dtype` fp16/bf16: every tensor saved in half precision (pos_embed included)."""
     base = ref.DiT()
     ref.randomize(base, 0)
-    model = ref.ControlDiT(base, 2) if control else base
+    model = ref.ControlDiT(base, control_blocks) if control else base
     if control:
         ref.randomize(model, 1)
-    ema = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
+    ema = {f"module.{k}": v.clone().to(dtype) for k, v in model.state_dict().items()}
     raw = {k: v + 0.01 if v.is_floating_point() else v for k, v in ema.items()}
     torch.save({"state_dict": raw, "state_dict_ema": ema, "step": 123}, path)
     return model
@@ -167,6 +168,70 @@ def test_chexgen_conversion_is_strict(tmp_path):
         convert_state_dict(sd, heads=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_chexgen_checkpoints_convert(tmp_path, dtype):
+    """Every tensor fp16/bf16 (pos_embed too, rounded): the pos-embed scale is still found, and the
+    weights are the half-precision values exactly, in float32."""
+    original = chexgen_checkpoint(tmp_path / "ckpt.pth", control=True, dtype=dtype)
+    sd, _ = read_checkpoint(tmp_path / "ckpt.pth")
+    assert all(v.dtype == dtype for v in sd.values())
+    model, null, cfg = convert_state_dict(sd, heads=4)
+    assert cfg.interpolation_scale == 2.0 and cfg.control_blocks == 2
+    # The same values upcast, with the exact float32 table: what the half file must convert to.
+    upcast = {k: v.float() for k, v in sd.items()} | {"base_model.pos_embed": original.state_dict()["base_model.pos_embed"]}
+    expected, expected_null, _ = convert_state_dict(upcast, heads=4)
+    got = model.state_dict()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert torch.equal(null, expected_null)
+    # A wrong scale is still refused: the tolerance fits the dtype, not any table.
+    with pytest.raises(UserError, match="does not match a sin-cos table with scale 1.0"):
+        convert_state_dict(sd, heads=4, pos_embed_scale=1.0)
+
+
+def _ckpt(path, sd):
+    torch.save({"state_dict_ema": sd}, path)
+    return path
+
+
+def _base_sd():
+    m = ref.DiT()
+    ref.randomize(m, 0)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", ["control-depth", "pos-embed", "not-a-tensor", "not-torch", "heads", "odd-shape"])
+def test_converter_failures_are_one_located_line(tmp_path, capsys, case):
+    """Through the CLI: exit 2 and one line naming the checkpoint and what was expected."""
+    from chexforge.cli import main
+
+    ckpt = tmp_path / "ckpt.pth"
+    heads, expect = "4", None
+    if case == "control-depth":  # as many copied blocks as base blocks (3): the copies feed blocks 1..N
+        chexgen_checkpoint(ckpt, control=True, control_blocks=3)
+        expect = "3 control blocks (controlnet.0-2) for 3 base blocks"
+    elif case == "pos-embed":
+        _ckpt(ckpt, _base_sd() | {"pos_embed": torch.zeros(1, 15, 64)})
+        expect = "pos_embed: shape (1, 15, 64)"
+    elif case == "not-a-tensor":
+        _ckpt(ckpt, _base_sd() | {"blocks.0.note": "hello"})
+        expect = "'blocks.0.note' is a str, not a tensor"
+    elif case == "not-torch":
+        ckpt.write_text("not a checkpoint")
+        expect = "cannot load as a weights-only checkpoint"
+    elif case == "heads":
+        _ckpt(ckpt, _base_sd())
+        heads, expect = "5", "hidden size 64 is not divisible by 5 heads"
+    else:  # a shape no check foresees: caught on the way, still one line
+        _ckpt(ckpt, _base_sd() | {"y_embedder.y_proj.fc1.weight": torch.zeros(5)})
+        expect = "cannot convert this checkpoint (IndexError"
+    code = main(["models", "import-chexgen", str(ckpt), "--out", str(tmp_path / "out"), "--t5", str(tmp_path / "t5"),
+                 "--vae", str(tmp_path / "vae"), "--heads", heads])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"chexforge: error: {ckpt}: "), err
+    assert expect in " ".join(err.split()), err
+
+
 def test_checkpoints_load_weights_only(tmp_path):
     import argparse
 
@@ -191,6 +256,7 @@ def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
                  "--vae", str(tmp_path / "vae"), "--heads", "4"]) == 0
     pipe = ChexforgePipeline.load(out)
     assert pipe.text_encoder.kind == "t5" and pipe.null_embedding.shape == (6, 32)
+    assert pipe.conditioning.sampler == "chexgen"  # ChexGen's own sampler by default (tests/test_chexgen_sampler.py)
     # The written weights are the source's: the transformer is the conversion of the EMA weights
     # (not the raw ones, 0.01 away), tensor for tensor, and runs the original's forward; the VAE
     # and the T5 encoder are the given folders' own.
@@ -207,7 +273,7 @@ def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
                          (pipe.text_encoder.model, T5EncoderModel.from_pretrained(tmp_path / "t5"))):
         a, b = ours.state_dict(), theirs.state_dict()
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    for sampler in ("ddpm", "dpm++"):  # learned variance: DDPM uses it, DPM-Solver++ takes the noise alone
+    for sampler in ("ddpm", "dpm++", None):  # learned variance: DDPM and chexgen use it, DPM-Solver++ takes the noise alone
         images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler=sampler)
         assert images.shape == (1, 64, 64) and np.isfinite(images).all()
     assert main(["models", "info", str(out)]) == 0

@@ -29,6 +29,10 @@ Key map (ChexGen → diffusers PixArtTransformer2DModel / chexforge):
     controlnet.N.after_proj.*          → control.after_proj.N.*
 
 (`scale_shift_table`, PixArt's own spelling of the two tables, is accepted too.)
+
+Half-precision files (every tensor fp16 or bf16, as ChexGen itself loads them) convert to float32
+weights; `pos_embed`, stored in that precision, is compared with the sin-cos table rounded to it.
+Every failure is a `UserError`: one line naming the checkpoint and what was expected.
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ def read_checkpoint(path: str | Path, ema: bool = True) -> tuple[dict[str, torch
         if ema:
             raise UserError("the checkpoint has no state_dict_ema; convert the raw weights with --no-ema", path)
         sd = obj["state_dict"]
-    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd, ema = obj, False  # a bare state dict
     else:
-        raise UserError(f"expected a dict with state_dict / state_dict_ema, found keys {sorted(obj)[:5]}", path)
-    return {k.removeprefix("module."): v for k, v in sd.items()}, ema
+        raise UserError(f"expected a dict with state_dict / state_dict_ema, found keys {sorted(map(str, obj))[:5]}", path)
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise UserError(f"{bad!r} is a {type(sd[bad]).__name__}, not a tensor: not a ChexGen state dict", path)
+    return {str(k).removeprefix("module."): v for k, v in sd.items()}, ema
 
 
 def infer_config(sd: dict[str, torch.Tensor], heads: int, where: str) -> TransformerConfig:
@@ -76,13 +83,24 @@ def infer_config(sd: dict[str, torch.Tensor], heads: int, where: str) -> Transfo
         if k not in sd:
             raise UserError(f"missing key {k!r}: not a ChexGen/PixArt DiT checkpoint", where)
     w = sd["x_embedder.proj.weight"]
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        raise UserError(f"x_embedder.proj.weight: shape {tuple(w.shape)}, expected (hidden, channels, patch, patch)", where)
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth < 1:
+        raise UserError("no blocks.N.* keys: not a ChexGen/PixArt DiT checkpoint", where)
     out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-    if hidden % heads:
+    if heads < 1 or hidden % heads:
         raise UserError(f"hidden size {hidden} is not divisible by {heads} heads (pass --heads)", where)
-    grid = int(round(sd["pos_embed"].shape[1] ** 0.5))
+    pos = sd["pos_embed"]
+    grid = int(round(pos.shape[-2] ** 0.5)) if pos.ndim >= 2 else 0
+    if pos.ndim not in (2, 3) or grid * grid != pos.shape[-2] or pos.shape[-1] != hidden:
+        raise UserError(f"pos_embed: shape {tuple(pos.shape)}, expected (1, tokens, {hidden}) on a square grid", where)
     control = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"controlnet\.(\d+)\.", k))), default=-1)
+    if control >= depth:
+        # The copies feed base blocks 1..N (block 0 runs before them), so N < depth.
+        raise UserError(f"{control} control blocks (controlnet.0-{control - 1}) for {depth} base blocks: a ChexGen "
+                        f"ControlNet copies at most {depth - 1} (depth - 1) blocks", where)
     return TransformerConfig(sample_size=grid * patch, patch_size=patch, in_channels=in_ch,
                              learn_sigma=out_ch == 2 * in_ch, hidden=hidden, depth=depth, heads=heads,
                              caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
@@ -134,6 +152,17 @@ _ALIASES = {"shift_scale_gate_table": "scale_shift_table", "shift_scale_table": 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], heads: int = 16, pos_embed_scale: float | None = None,
                        where: str = "checkpoint") -> tuple[GuidedTransformer, torch.Tensor, TransformerConfig]:
+    try:
+        return _convert(sd, heads, pos_embed_scale, where)
+    except (ValueError, RuntimeError, IndexError, KeyError, TypeError, AttributeError) as e:
+        # What the checks above do not foresee (a layout that breaks diffusers or torch on the way)
+        # is still bad input, not a bug of the caller: one line naming the file.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot convert this checkpoint ({type(e).__name__}: {first})", where) from None
+
+
+def _convert(sd: dict[str, torch.Tensor], heads: int, pos_embed_scale: float | None,
+             where: str) -> tuple[GuidedTransformer, torch.Tensor, TransformerConfig]:
     # Control checkpoints keep the base under base_model.
     if any(k.startswith("base_model.") for k in sd):
         sd = {k.removeprefix("base_model."): v for k, v in sd.items()}
@@ -170,7 +199,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], heads: int = 16, pos_embed_s
     if "y_embedder.y_embedding" not in sd:
         raise UserError("missing key 'y_embedder.y_embedding' (the learned null caption)", where)
     null = sd["y_embedder.y_embedding"].float()
-    if null.shape[1] != cfg.caption_channels:
+    if null.ndim != 2 or null.shape[1] != cfg.caption_channels:
         raise UserError(f"y_embedder.y_embedding: {tuple(null.shape)}, expected (tokens, {cfg.caption_channels})", where)
     return model, null, cfg
 
@@ -183,15 +212,23 @@ def _alias(src: str, sd: dict) -> str | None:
 
 
 def _pos_embed_scale(table: torch.Tensor, cfg: TransformerConfig, given: float | None, where: str) -> float:
-    """The interpolation scale whose sin-cos table equals the checkpoint's `pos_embed`."""
+    """The interpolation scale whose sin-cos table equals the checkpoint's `pos_embed`.
+
+    Compared in float32. A float32 table must match to 1e-4; a half-precision one (fp16, bf16) is
+    compared with the reference rounded to its dtype, to one unit in the last place at 1.0 (the
+    table's values lie in [-1, 1], so that is one or two rounding steps: 9.8e-4 for fp16, 7.8e-3
+    for bf16; the candidate scales' tables differ by O(1), so this still tells them apart)."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     grid = cfg.sample_size // cfg.patch_size
     ckpt = table.reshape(-1, cfg.hidden).float().numpy()
+    half = table.dtype in (torch.float16, torch.bfloat16)
+    atol = torch.finfo(table.dtype).eps if half else 1e-4
     candidates = [given] if given is not None else [1.0, 2.0, 0.5, 4.0, grid / 32, grid / 64]
     for scale in candidates:
         ref = get_2d_sincos_pos_embed(cfg.hidden, grid, base_size=grid, interpolation_scale=scale, output_type="pt")
-        if np.allclose(ref.float().numpy(), ckpt, atol=1e-4):
+        ref = ref.to(table.dtype).float() if half else ref.float()
+        if np.allclose(ref.numpy(), ckpt, atol=atol):
             return float(scale)
     if given is not None:
         raise UserError(f"pos_embed does not match a sin-cos table with scale {given} (try another --pos-embed-scale)", where)
@@ -218,6 +255,9 @@ def import_chexgen(ckpt: str | Path, out: str | Path, t5: str | Path, vae: str |
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the VAE as a diffusers AutoencoderKL folder ({e})", vae_path) from None
     pipe = ChexforgePipeline(model, autoencoder, text, null, train_scheduler(cfg.learn_sigma),
-                             Conditioning(prefix="chexgen", guidance_text=4.0, extra={"source": "chexgen", "ema": used_ema}))
+                             # ChexGen's own sampler by default, so an imported model reproduces its
+                             # images; `sampler: dpm++` is the fast alternative (docs/diffusion.md).
+                             Conditioning(prefix="chexgen", guidance_text=4.0, sampler="chexgen",
+                                          extra={"source": "chexgen", "ema": used_ema}))
     pipe.save(out)
     return Converted(model, null, cfg, len(sd), used_ema)

@@ -48,6 +48,7 @@ class Conditioning:
     guidance_text: float = 4.0
     guidance_control: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "dpm++"  # the sampler used when none is asked for (import-chexgen: "chexgen")
 
 
 def demographic_prefix(job: dict[str, Any], style: str) -> str:
@@ -110,7 +111,7 @@ class ChexforgePipeline:
         c = self.conditioning
         (folder / "chexforge.json").write_text(json.dumps(
             {"prefix": c.prefix, "guidance_text": c.guidance_text, "guidance_control": c.guidance_control,
-             "extra": c.extra, "chexforge_version": __version__}, indent=1))
+             "sampler": c.sampler, "extra": c.extra, "chexforge_version": __version__}, indent=1))
         index = {"_class_name": CLASS_NAME, "_chexforge_version": __version__,
                  "transformer": ["diffusers", "PixArtTransformer2DModel"],
                  "controlnet": ["chexforge", "ControlBranch"] if self.transformer.control is not None else [None, None],
@@ -140,7 +141,8 @@ class ChexforgePipeline:
         null = load_state_dict(folder / "null_embedding.safetensors")["null_embedding"]
         meta = read_folder_json(folder, "chexforge.json", default={})
         cond = Conditioning(prefix=meta.get("prefix", "chexgen"), guidance_text=meta.get("guidance_text", 4.0),
-                            guidance_control=meta.get("guidance_control", 1.0), extra=meta.get("extra", {}))
+                            guidance_control=meta.get("guidance_control", 1.0), extra=meta.get("extra", {}),
+                            sampler=meta.get("sampler", "dpm++"))
         pipe = cls(GuidedTransformer(base, control), vae, text, null, train, cond)
         return pipe.to(device)
 
@@ -182,7 +184,7 @@ class ChexforgePipeline:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], generators: list[torch.Generator], size: int,
-               control: torch.Tensor | None = None, steps: int | None = None, sampler: str = "dpm++",
+               control: torch.Tensor | None = None, steps: int | None = None, sampler: str | None = None,
                guidance_text: float | None = None, guidance_control: float | None = None,
                control_strength: float = 1.0, vae_slice: int = 4, autocast: bool = False,
                init: torch.Tensor | None = None, init_strength: float = 1.0) -> np.ndarray:
@@ -195,8 +197,22 @@ class ChexforgePipeline:
         other jobs in the batch. Classifier-free guidance runs as one batched forward: (text,
         control) and (null text, control) rows, plus (null text, no control) rows when the control
         guidance scale is not 1: eps = e_nn + s_c (e_nc - e_nn) + s_t (e_tc - e_nc).
+
+        `sampler`: None takes the model's (`conditioning.sampler`). "chexgen" reproduces ChexGen's
+        tools/sample.py and tools/sample_control.py exactly (docs/diffusion.md): the null caption
+        gets the prompt's attention mask, only latent channels 0-2 are guided (the rest, channel 3
+        and the variance, are the conditional row's), a control model is not guided at all, and
+        its control latents are a draw from the VAE posterior, not the mean.
         """
         n = len(prompts)
+        sampler = sampler or self.conditioning.sampler
+        faithful = sampler == "chexgen"
+        # ChexGen's control sampler calls the model on (text, control) and (null, control) rows and
+        # returns both outputs unguided, keeping the first: plain conditional sampling.
+        unguided = faithful and self.transformer.control is not None
+        if unguided and any(s is not None and s != 1.0 for s in (guidance_text, guidance_control)):
+            raise UserError("sampler chexgen applies no guidance to a control model (as ChexGen's "
+                            "tools/sample_control.py); leave guidance_text/guidance_control unset or use dpm++/ddpm")
         s_t = self.conditioning.guidance_text if guidance_text is None else guidance_text
         s_c = self.conditioning.guidance_control if guidance_control is None else guidance_control
         steps = steps or schedulers.DEFAULT_STEPS[sampler]
@@ -214,17 +230,21 @@ class ChexforgePipeline:
         null, null_keep = self.null_text(n)
         text, null = _pad_to(text, null.shape[1]), _pad_to(null, text.shape[1])
         text_keep, null_keep = _pad_to(text_keep, null_keep.shape[1]), _pad_to(null_keep, text_keep.shape[1])
+        if faithful:  # ChexGen passes the prompts' mask for the whole batch: null row i sees prompt i's length
+            null_keep = text_keep
         has_control = control is not None and self.transformer.control is not None
-        three = has_control and s_c != 1.0
-        rows = 3 if three else 2
-        emb = torch.cat([text, null] + ([null] if three else []))
-        keep = torch.cat([text_keep, null_keep] + ([null_keep] if three else []))
+        three = has_control and s_c != 1.0 and not unguided
+        rows = 1 if unguided else 3 if three else 2
+        emb = torch.cat([text, null, null][:rows])
+        keep = torch.cat([text_keep, null_keep, null_keep][:rows])
         cond_latents, strength = None, 1.0
         if has_control:
-            z = vae_ops.encode(self.vae, control.to(self.device))
+            # chexgen: ChexGen encodes the control image with latent_dist.sample(); here each job's
+            # own generator makes that draw (after its initial noise), so it stays batch-independent.
+            z = vae_ops.encode(self.vae, control.to(self.device), sample=faithful, generator=list(generators) if faithful else None)
             cond_latents = torch.cat([z] * rows)
             on = torch.full((n,), float(control_strength), device=self.device)
-            strength = torch.cat([on, on] + ([torch.zeros_like(on)] if three else []))
+            strength = torch.cat([on, on, torch.zeros_like(on)][:rows])
 
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else _null_ctx()
         for t in timesteps:
@@ -234,17 +254,20 @@ class ChexforgePipeline:
                 out = self.transformer(model_in, timestep, emb, keep, cond_latents, strength).float()
             eps, rest = out[:, :c_in], out[:, c_in:]
             parts = eps.chunk(rows)
-            if three:
+            if rows == 1:
+                guided = parts[0]
+            elif three:
                 e_tc, e_nc, e_nn = parts
                 guided = e_nn + s_c * (e_nc - e_nn) + s_t * (e_tc - e_nc)
             else:
                 e_tc, e_nc = parts
                 guided = e_nc + s_t * (e_tc - e_nc)
+            if faithful:  # DiT's forward_with_cfg guides channels 0-2; channel 3 keeps the conditional
+                guided = torch.cat([guided[:, :3], parts[0][:, 3:]], 1)
             keep_var = rest.shape[1] and schedulers.uses_variance(sched)  # the variance is not guided
             model_out = torch.cat([guided, rest.chunk(rows)[0]], 1) if keep_var else guided
             x = sched.step(model_out, t, x, generator=list(generators), return_dict=False)[0]
         return vae_ops.decode(self.vae, x, vae_slice).cpu().numpy().astype(np.float32)
-
 
     def _init_latents(self, sched, init: torch.Tensor, noise: torch.Tensor, strength: float):
         """Start the chain part-way (img2img): the last `round(steps * strength)` of the sampler's

@@ -38,6 +38,8 @@ class DiffusionBackend:
             from ...models.pipeline import ChexforgePipeline
 
             self.pipe = ChexforgePipeline.load(self.folder, self.device)
+            if options.sampler is None:  # the model's own (chexforge.json): chexgen for imported ChexGen checkpoints
+                self.options = options = options.model_copy(update={"sampler": self.pipe.conditioning.sampler})
             if options.prefix is not None:
                 self.pipe.conditioning.prefix = options.prefix
             if options.fused_qkv:

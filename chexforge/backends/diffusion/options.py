@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 SPEED = {"pixels": False}
 
 
-
 class DiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sampler: Literal["dpm++", "ddpm"] = Field("dpm++", description="dpm++: DPM-Solver++ (fast, default); ddpm: ancestral, ChexGen's 100-step sampler")
-    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (default 20 for dpm++, 100 for ddpm)")
+    sampler: Literal["dpm++", "ddpm", "chexgen"] | None = Field(
+        None, description="default: the model's (dpm++; chexgen for imported ChexGen checkpoints). dpm++: DPM-Solver++ "
+        "(fast); ddpm: ancestral DDPM; chexgen: ChexGen's own sampler exactly (100 respaced IDDPM steps, its guidance quirks)")
+    steps: int | None = Field(None, ge=1, le=1000, description="denoising steps (default 20 for dpm++, 100 for ddpm and chexgen)")
     guidance_text: float | None = Field(None, ge=0, le=50, description="classifier-free guidance on the text (default: the model's, 4.0)")
     guidance_control: float | None = Field(None, ge=0, le=50, description="guidance on the mask/box control image (1.0 = plain conditioning)")
     control_strength: float = Field(1.0, ge=0, le=4, description="scale of the control branch's residuals")

@@ -13,6 +13,7 @@
 #                                           laterality/severity, sizes, diversity; REFERENCE (images folder, chexforge
 #                                           OUT, or label CSV with ARGS=--image-root DIR) adds FID/KID, PRDC, memorization
 #   make bench                              the benchmarks in bench/ (figures go to docs/benchmarks.md)
+#   make gpu-check                          every GPU target in one table, < 8 min on one GPU (bench/results/gpu_check.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -105,6 +106,10 @@ bench: install  ## run the benchmarks (prints ratios against baselines measured 
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/diffusion_bench.py --config tiny
 	$(BIN)/python bench/diffusion_bench.py --config xl   # GPU only; says so on a CPU
+
+.PHONY: gpu-check
+gpu-check: install  ## every GPU target in one table, under 8 min on one GPU; fail-soft without CUDA (table: bench/results/gpu_check.md, or ARGS="--out FILE")
+	PYTHON=$(BIN)/python bench/gpu_check.sh $(ARGS)
 
 .PHONY: bench-patients
 bench-patients: install  ## are rendered patients different people? sex/age from pixels, lung-shape diversity, CTR by sex and age (minutes)

@@ -481,7 +481,8 @@ def models_import_chexgen(
     c = done.config
     out_console.print(f"converted {done.source_keys} keys ({'EMA' if done.used_ema else 'raw'} weights): depth {c.depth}, "
                       f"hidden {c.hidden}, {c.sample_size * 8}² images, pos-embed scale {c.interpolation_scale}, "
-                      f"{c.control_blocks} control blocks → {out}")
+                      f"{c.control_blocks} control blocks → {out}; samples with ChexGen's own sampler "
+                      "(sampler: chexgen) unless backend_options say sampler: dpm++ (fast)")
 
 
 # ---- train ------------------------------------------------------------------------------------

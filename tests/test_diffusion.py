@@ -277,6 +277,14 @@ def test_import_chexgen_cli_writes_a_runnable_pipeline(tmp_path):
         images = pipe.sample(["sex:Male, age:71. PA chest radiograph."], gens(0), 64, boxes_control(1), steps=3, sampler=sampler)
         assert images.shape == (1, 64, 64) and np.isfinite(images).all()
     assert main(["models", "info", str(out)]) == 0
+    # The backend samples an imported folder with ChexGen's sampler unless told otherwise, and the
+    # manifest's sampler JSON says so (a control model: no guidance, as ChexGen's control sampler).
+    from chexforge.backends.diffusion.backend import DiffusionBackend
+    from chexforge.backends.diffusion.options import DiffusionOptions
+
+    ident = DiffusionBackend(DiffusionOptions(), model=out).identity()["sampler"]
+    assert ident["sampler"] == "chexgen" and ident["steps"] == 100 and ident["guidance_text"] is None
+    assert DiffusionBackend(DiffusionOptions(sampler="dpm++"), model=out).identity()["sampler"]["guidance_text"] == 4.0
     # The wrong T5 width is refused with one line.
     make_tiny_t5(tmp_path / "t5wide", d_model=48)
     assert main(["models", "import-chexgen", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "x"),

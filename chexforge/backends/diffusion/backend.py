@@ -59,6 +59,8 @@ class DiffusionBackend:
         if self.kind == "chexforge":
             c = self.pipe.conditioning
             sampler.update(prefix=c.prefix, guidance_text=o.guidance_text if o.guidance_text is not None else c.guidance_text)
+            if o.sampler == "chexgen" and self.pipe.transformer.control is not None:
+                sampler.update(guidance_text=None, guidance_control=None)  # ChexGen's control sampler does not guide
         sampler.update(_steps_run(self, o))  # the steps that run, not the option's None
         return {"backend": "diffusion", "backend_version": __version__, "model": self.folder.name,
                 "model_hash": self.model_hash, "sampler": sampler}

@@ -29,7 +29,7 @@ cohorts:
 
 JOBS = [{"job_id": f"j{i}", "cohort": "c", "seed": 40 + i, "view": "PA", "sex": "F", "age": 55, "size": 64,
          "anatomy": ["lungs"], "Effusion": 1, "prompt": "PA chest radiograph. Large left pleural effusion."}
-        for i in range(2)]
+        for i in range(1)]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_strength_trades_the_drr_image_for_the_models(models, drr64):
     backend.drr = drr64  # the session's prepared DRR backend (same default options): no second CT preparation
     physics = drr64.generate(jobs)
     got = {}
-    for strength in (0.0, 0.1, 0.5, 1.0):
+    for strength in (0.0, 0.1, 1.0):
         backend.options = backend.options.model_copy(update={"strength": strength})
         got[strength] = backend.generate(jobs)
     for s, p in zip(got[0.0], physics):

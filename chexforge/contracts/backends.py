@@ -59,13 +59,6 @@ class BackendInfo:
         module, fn = self.model_check.split(":")
         return getattr(importlib.import_module(module), fn)(folder)
 
-    def model_problem(self, folder: Any) -> str | None:
-        """What is wrong with `model:` for this backend, from the folder's files alone (None: fine)."""
-        if self.model_check is None:
-            return None
-        module, fn = self.model_check.split(":")
-        return getattr(importlib.import_module(module), fn)(folder)
-
     def check_options(self, raw: dict[str, Any]) -> list[tuple[tuple, str]]:
         try:
             self.options(raw)

@@ -5,8 +5,10 @@ either skipped with its reason or holds a figure."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +20,8 @@ ROWS = ["xl_defaults", "xl_reference", "xl_ratio", "tflops", "peak_share", "memo
 def test_gpu_check_fail_soft(tmp_path):
     out = tmp_path / "gpu_check.md"
     proc = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--quick", "--cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable})  # the interpreter running the tests
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = out.read_text()
     data = json.loads(out.with_suffix(".json").read_text())

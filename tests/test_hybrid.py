@@ -22,7 +22,8 @@ def recipe_text(model, backend: str = "hybrid", strength: float = 0.5) -> str:
     head = (f"backend: hybrid\nmodel: {model}\nbackend_options: {{strength: {strength}, diffusion: {{steps: 2}}, "
             "drr: {virtual_patients: false}}\n"
             if backend == "hybrid" else "backend: drr\nbackend_options: {virtual_patients: false}\n")
-    return head + f"""name: hybrid-test
+    qc = "qc: {max_attempts: 1, rules: [{check: mask_area, min: 0.001}]}\n" if backend == "hybrid" else ""
+    return head + qc + f"""name: hybrid-test
 seed: 3
 output: {{size: 64, formats: [png], masks: true}}
 cohorts:
@@ -101,7 +102,10 @@ def test_a_hybrid_dataset_carries_the_drrs_exact_labels(models, tmp_path, capsys
         assert h["realised_boxes"] == d["realised_boxes"] and h["realised_boxes"]
         assert h["sha256_png"] != d["sha256_png"]  # the pixels are the model's, not the DRR's
         meta, sampler = json.loads(h["meta"]), json.loads(h["sampler"])
-        assert meta["drr"]["findings"] == json.loads(d["meta"])["findings"] and meta["control"] == ["Effusion"]
+        drr_meta = json.loads(d["meta"])
+        assert meta["findings"] == drr_meta["findings"] and meta["geometry"] == drr_meta["geometry"]
+        assert meta["control"] == ["Effusion"]
+        assert meta["qc"] == {"attempts": 1, "seed": h["seed"], "rejections": []}  # mask_area ran on the DRR's mask
         assert sampler["strength"] == 0.5 and sampler["diffusion"]["steps"] == 2 and "dose" in sampler["drr"]
 
     # Same recipe, another folder: the same pixels.

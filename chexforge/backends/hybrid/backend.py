@@ -93,7 +93,9 @@ class HybridBackend:
         seconds = round((time.perf_counter() - t0) / max(1, len(jobs)), 4)
         out = []
         for job, s, image, prompt, seed in zip(jobs, physics, images, prompts, seeds):
-            meta = {"drr": s.meta, "diffusion": {"prompt_used": prompt, "seed": seed, "seconds": seconds},
+            # The DRR's facts stay at the top, where readers of meta look for them whatever the backend
+            # (evaluate: `findings`; MONAI export: `geometry`); the diffusion's are beside them.
+            meta = {**s.meta, "diffusion": {"prompt_used": prompt, "seed": seed, "seconds": seconds},
                     "strength": o.strength, "control_scale": o.control_scale,
                     "control": sorted({k for k in s.masks if k in FINDING_NAMES} | {b["label"] for b in s.boxes})}
             out.append(Sample(job["job_id"], np.ascontiguousarray(image, dtype=np.float32), dict(s.masks),

@@ -500,6 +500,7 @@ def train(
     ema: float = typer.Option(0.9999, "--ema", min=0, max=1, help="EMA decay of the exported weights (the most it reaches with the warm-up)."),
     ema_warmup: bool = typer.Option(True, "--ema-warmup/--no-ema-warmup", help="Decay min(ema, (1+step)/(10+step)), so short runs export trained weights."),
     caption_dropout: float = typer.Option(0.1, "--caption-dropout", min=0, max=1),
+    control_dropout: float = typer.Option(0.1, "--control-dropout", min=0, max=1, help="Share of images trained with the empty control image; raise it (0.5) when the captions should carry the findings without a mask (bench/diffusion_learns.py)."),
     save_every: int = typer.Option(500, "--save-every", min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, "--seed"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
@@ -522,7 +523,7 @@ def train(
     from .models.train import train as run_training
 
     pipe = ChexforgePipeline.load(model)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, ema_warmup=ema_warmup, caption_dropout=caption_dropout,
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, ema_warmup=ema_warmup, caption_dropout=caption_dropout, control_dropout=control_dropout,
                       save_every=save_every, seed=seed, gradient_checkpointing=gradient_checkpointing,
                       freeze_base=freeze_base, vae_steps=vae_steps, device=device)
     start = latest_checkpoint(run)

@@ -13,7 +13,10 @@ mkdir -p "$OUT"
 $BIN/chexforge generate examples/diffusion/drr-training-set.yaml --out "$OUT/drr" --no-progress
 [ -f "$OUT/tiny/model_index.json" ] || $BIN/chexforge models init --preset tiny --out "$OUT/tiny"
 $BIN/chexforge train --model "$OUT/tiny" --data "$OUT/drr/manifest.parquet" --run "$OUT/run" \
-  --steps 1500 --batch-size 32 --lr 5e-4 --ema 0.995 --save-every 500 --vae-steps 800
+  --steps 1500 --batch-size 32 --lr 5e-4 --save-every 500 --vae-steps 800 --control-dropout 0.5
+# --control-dropout 0.5: half the images train with the empty control image, so the captions carry
+# the findings too (text-only cohorts); with 0.1 the model learned effusions mostly through the mask
+# (bench/diffusion_learns.py, docs/benchmarks.md). The EMA's warm-up replaces the old --ema 0.995.
 $BIN/chexforge models info "$OUT/run/model"
 $BIN/chexforge generate examples/diffusion/generate.yaml --out "$OUT/generated"
 $BIN/chexforge inspect "$OUT/generated"

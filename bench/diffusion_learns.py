@@ -18,9 +18,9 @@
 Also: the share of samples within RMSE 0.15 of some training image (are they radiographs at all?).
 
 Seeded throughout (recipe seed, training seed, one generator per sample). The gap's ± is its
-standard error over the samples. On a busy 2-core machine pass `--threads 1`: two torch threads
-contend with other processes and a training step of the tiny model takes ~10x longer (measured:
-2.4 s vs 0.18 s per batch of 16 under a load of 5).
+standard error over the samples. Torch runs on one thread unless `--threads` says otherwise: on
+a busy 2-core machine two torch threads contend with other processes and a training step of the
+tiny model takes ~10x longer (measured: 2.4 s vs 0.18 s per batch of 16 under a load of 5).
 
     .venv/bin/python bench/diffusion_learns.py --out out/bench-diffusion-learns   # ~10 minutes on 2 cores
 """
@@ -118,8 +118,11 @@ def main() -> None:
     ap.add_argument("--control-dropout", type=float, default=0.5, help="share of images trained with the empty control image")
     ap.add_argument("--samples", type=int, default=16, help="generated images per class")
     ap.add_argument("--samplers", default="default,dpm++,ddpm", help="comma-separated; 'default' = the model's")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a busy machine, "
-                    "where two contend: 2.4 s vs 0.18 s per training step measured under a load of 5)")
+    # One thread by default: on a shared 2-core machine two torch threads contend with other
+    # processes (2.4 s vs 0.18 s per training step measured under a load of 5; a 2-thread run of
+    # this script had not finished its VAE fit after 17 CPU-minutes where the 1-thread run took
+    # 11.5 minutes for VAE fit and training together).
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args()
     if a.threads:

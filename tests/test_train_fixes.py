@@ -165,3 +165,17 @@ def test_default_step_counts_are_recorded(tiny_model):
 
     ddpm = DiffusionBackend(DiffusionOptions(sampler="ddpm"), model=tiny_model).identity()["sampler"]
     assert ddpm["steps"] == 100 and ddpm["scheduler"] == "DDPMScheduler", ddpm
+
+
+def test_speed_options_nested_in_a_hybrid_recipe_change_no_job_id():
+    """The hybrid backend's `diffusion:` and `drr:` sections are option models of their own: a
+    speed setting written there is left out of the hashed identity like a top-level one, and a
+    setting that changes pixels is kept."""
+    from chexforge.contracts.backends import BACKENDS
+
+    hybrid = BACKENDS["hybrid"]
+    fast = hybrid.identity_options({"strength": 0.5, "batch_size": 2, "diffusion": {"vae_slice": 1, "steps": 10}})
+    slow = hybrid.identity_options({"strength": 0.5, "batch_size": 8, "diffusion": {"vae_slice": 0, "steps": 10}})
+    assert fast == slow == {"strength": 0.5, "diffusion": {"steps": 10}}
+    assert hybrid.identity_options({"diffusion": {"steps": 20}}) != fast
+    assert BACKENDS["drr"].identity_options({"vessels": False}) == {"vessels": False}  # nothing marked: as written

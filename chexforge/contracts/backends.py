@@ -48,9 +48,7 @@ class BackendInfo:
         `json_schema_extra={"pixels": False}` (speed and memory settings such as batch_size). Job
         ids and seeds hash these, so changing a batch size keeps every job. Where nothing is
         marked (the DRR backend), this is `raw` itself and ids are what they always were."""
-        fields = self.options_class().model_fields
-        speed = {k for k, f in fields.items() if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("pixels") is False}
-        return {k: v for k, v in raw.items() if k not in speed}
+        return _pixel_options(self.options_class(), raw)
 
     def model_problem(self, folder: Any) -> str | None:
         """What is wrong with `model:` for this backend, from the folder's files alone (None: fine)."""
@@ -143,3 +141,19 @@ def backend_names() -> tuple[str, ...]:
 
 def backend_info(name: str) -> BackendInfo:
     return BACKENDS[name]
+
+
+def _pixel_options(model: type[BaseModel], raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without the fields `model` marks `{"pixels": False}`, down into nested option models
+    (the hybrid backend's `drr:` and `diffusion:` sections), so a speed setting changes no job id
+    wherever it is written."""
+    out = {}
+    for k, v in raw.items():
+        f = model.model_fields.get(k)
+        if f is not None and isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("pixels") is False:
+            continue
+        inner = f.annotation if f is not None else None
+        if isinstance(v, dict) and isinstance(inner, type) and issubclass(inner, BaseModel):
+            v = _pixel_options(inner, v)
+        out[k] = v
+    return out

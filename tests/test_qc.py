@@ -585,3 +585,88 @@ def test_cohort_qc_errors_and_max_attempts(tmp_path):
         load_recipe(recipe)
     ok = parse_recipe("name: x\nbackend: simulated\ncohorts: [{name: a, count: 1}]\nqc: {rules: [{check: not_blank}]}\n")
     assert ok.qc.max_attempts == 3 and ok.qc.rules[0].min == 0.05
+
+
+# ---- mask_dice: a segmentation model against the backend's masks ---------------------------------
+
+DICE = """
+name: dice
+seed: 5
+backend: simulated
+output: {{size: 64, formats: [png]}}
+qc:
+  max_attempts: 2
+  rules: [{{check: mask_dice, model: {model}, min: 0.75}}]
+cohorts:
+  - {{name: a, count: 4, masks: [lungs, heart], findings: {{Nodule: true}}}}
+"""
+
+
+def seg_model(torch, path, classes, where=True, size=128):
+    """A TorchScript segmenter in `chexforge eval --seg-model`'s convention: logits (N, C, size,
+    size), +4 inside the simulated backend's lungs and heart at their unjittered place (they move by
+    at most 3% of the image a seed), -4 elsewhere; `where=False` predicts nothing."""
+    from chexforge.backends.simulated.backend import _ellipse
+
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    shapes = {"lungs": _ellipse(xx, yy, (0.12, 0.15, 0.45, 0.85)) | _ellipse(xx, yy, (0.55, 0.15, 0.88, 0.85)),
+              "heart": _ellipse(xx, yy, (0.38, 0.50, 0.72, 0.82))}
+    logits = np.stack([np.where(shapes.get(c, np.zeros_like(xx, bool)) & where, 4.0, -4.0) for c in classes or ["?"]])
+
+    class Seg(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("y", torch.tensor(logits[None], dtype=torch.float32))
+            if classes:
+                self.classes = list(classes)
+            self.input_size = 64
+
+        def forward(self, x):
+            return self.y.expand(x.shape[0], -1, -1, -1)
+
+    torch.jit.script(Seg()).save(str(path))
+    return path
+
+
+def test_mask_dice_passes_a_right_segmenter_and_rejects_an_empty_one(tmp_path):
+    torch = pytest.importorskip("torch")
+    right = seg_model(torch, tmp_path / "right.pt", ["lungs", "heart", "Pneumothorax"])
+    none = seg_model(torch, tmp_path / "none.pt", ["lungs", "heart"], where=False)
+    for model, ok in ((right, True), (none, False)):
+        r = load_recipe(write(tmp_path, DICE.format(model=model)))
+        out = tmp_path / model.stem
+        run(plan(r), r, out, RunOptions(progress=False))
+        got = rows(out)
+        assert len(got) == 4
+        for row in got:
+            qc = _meta_qc(row)
+            if ok:
+                assert row["status"] == "ok" and qc["rejections"] == [], qc
+            else:
+                assert row["status"] == "failed" and [(h["rule"], h["value"]) for h in qc["rejections"]] == [("mask_dice", 0.0)] * 2
+                assert row["error"].startswith("qc: mask_dice = 0 is below min 0.75")
+    # The value: the smallest Dice over the classes both have (the simulated jitter keeps it above 0.8).
+    image = np.zeros((64, 64), np.float32)
+    seg = Q.ScriptModel(right, "qc", True)
+    yy, xx = (np.mgrid[0:64, 0:64] + 0.5) / 64
+    from chexforge.backends.simulated.backend import _anatomy
+
+    masks = {k: v for k, v in _anatomy(np.random.default_rng(0), xx, yy).items() if k in ("lungs", "heart")}
+    assert 0.8 < Q.mask_dice(seg, image, masks) < 1.0
+    assert Q.mask_dice(seg, image, {"lungs": masks["lungs"]}) > Q.mask_dice(seg, image, masks) - 1e-9
+    assert Q.mask_dice(seg, image, {"Nodule": masks["lungs"]}) is None  # no common class: measured nothing
+
+
+def test_mask_dice_model_problems_are_one_line_at_validate(tmp_path):
+    torch = pytest.importorskip("torch")
+    bare = seg_model(torch, tmp_path / "bare.pt", [])
+    foreign = seg_model(torch, tmp_path / "pets.pt", ["cat", "dog"])
+    for model, expect in ((bare, "the model needs a `classes` attribute"),
+                          (foreign, "the segmentation model's classes (cat, dog) share no name with the masks of "
+                                    "cohort 'a' (Nodule, heart, lungs)")):
+        proc = cli("validate", str(write(tmp_path, DICE.format(model=model))))
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+        assert "qc.rules[0].model" in lines[0] and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match="the mask_dice check needs a local TorchScript segmentation model file"):
+        parse_recipe(DICE.format(model="xrv-densenet"))

@@ -10,11 +10,18 @@ torchxrayvision releases these weights as a pickled whole model (its own loader 
 dict (`weights_only=True`; chexforge/qc/models.py): the released file converted once, saved next
 to it under `XRV_STATE_DICTS`'s name so torchxrayvision's own file stays usable. A released file
 that was already converted in place is read as well.
+
+A `mask_dice` segmentation model's `classes` attribute is read from the TorchScript archive's
+`data.pkl` by an unpickler that resolves every class to a stub (no code from the file runs), so
+`validate` can say a model names no mask without importing torch.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,13 +69,67 @@ def model_file(spec: str, base: Callable[[str], Path] | None) -> Path:
     return base(spec) if base is not None else Path(spec).expanduser()
 
 
+class _Stub:
+    """Whatever class a TorchScript pickle names: holds its state, runs nothing."""
+
+    state: object = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.state = None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _AttributeReader(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return lambda value, _tag=None: value  # a typed list/dict: the value itself
+        return _Stub  # never a real class or function: reading the file runs no code from it
+
+    def persistent_load(self, pid: object) -> None:
+        return None  # tensors are not read
+
+
+def torchscript_attributes(path: Path) -> dict | None:
+    """The top module's attributes of a TorchScript file (its `data.pkl`), read without torch,
+    or None when the file is not a TorchScript archive this can read (loading then says why)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not names:
+                return None
+            top = _AttributeReader(io.BytesIO(z.read(names[0]))).load()
+    except Exception:  # noqa: BLE001 - not readable here: the loader reports it as one line
+        return None
+    state = getattr(top, "state", None)
+    return state if isinstance(state, dict) else None
+
+
+def seg_classes(path: Path) -> list[str] | None:
+    """A segmentation model's `classes` (a non-empty list of names), [] when it has none or
+    another kind of value, None when the file cannot be read without torch."""
+    attrs = torchscript_attributes(path)
+    if attrs is None:
+        return None
+    classes = attrs.get("classes")
+    ok = isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)
+    return list(classes) if ok else []
+
+
+SEG_CLASSES_NEEDED = "the model needs a `classes` attribute (a list of names)"
+
+
 def model_problem(spec: str, check: str, base: Callable[[str], Path] | None = None) -> str | None:
     """Why the model of a rule cannot be used, or None. Looks at files only (no torch)."""
-    if check == "sex" and spec in XRV_MODELS:
-        return f"the sex check needs a local TorchScript sex classifier file, not {spec!r}"
+    if check in ("sex", "mask_dice") and spec in XRV_MODELS:
+        kind = "sex classifier" if check == "sex" else "segmentation model"
+        return f"the {check} check needs a local TorchScript {kind} file, not {spec!r}"
     path = model_file(spec, base)
     if spec in XRV_MODELS and not path.is_file():
         return xrv_missing(spec)
     if spec not in XRV_MODELS and not path.is_file():
         return f"no such model file {str(path)!r} (expected a local TorchScript file or xrv-densenet)"
+    if check == "mask_dice" and seg_classes(path) == []:
+        return f"{SEG_CLASSES_NEEDED}: {str(path)!r}"
     return None

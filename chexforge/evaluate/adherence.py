@@ -18,7 +18,7 @@ from scipy.stats import rankdata
 
 from ..contracts.model_files import XRV_WEIGHTS
 from ..errors import UserError
-from ..qc.models import load_torchscript
+from ..qc.models import DEFAULT_INPUT, ScriptModel, dice  # noqa: F401 - eval's names for them
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -58,58 +58,7 @@ def findings_adherence(images: np.ndarray, labels: pd.DataFrame | None) -> dict:
             "mean_auroc": float(np.mean(vals)) if vals else None}
 
 
-# ---- user-supplied TorchScript models --------------------------------------------------------------
-#
-# Every model takes a float32 batch (N, 1, S, S) in [0, 1], S = the module's `input_size` attribute
-# when it has one (an int), else 224; images are resized bilinearly. Outputs:
-#   sex:  (N, 2) logits for (female, male); P(female) = softmax(...)[:, 0]
-#   age:  (N,) or (N, 1) predicted age in years
-#   seg:  (N, C, h, w) mask logits (inside where > 0), with `classes` (C names) as an attribute
-#   det:  (N, K, 5) rows (x0, y0, x1, y1, class index), corners normalised to [0, 1]; rows whose
-#         class index is < 0 are padding; `classes` (names by index) as an attribute
-
-DEFAULT_INPUT = 224
-
-
-class ScriptModel:
-    """A local TorchScript file, loaded on the CPU by chexforge/qc/models.py's one loader (a
-    missing or bad file is a UserError naming the flag)."""
-
-    def __init__(self, path: str | Path, flag: str, needs_classes: bool = False):
-        self.path, self.flag = Path(path).expanduser(), flag
-        self.net = load_torchscript(self.path, flag)
-        size = getattr(self.net, "input_size", DEFAULT_INPUT)
-        if not isinstance(size, int) or size < 8:
-            raise UserError(f"{flag}: the model's input_size attribute must be an int ≥ 8, not {size!r}", self.path)
-        self.size = size
-        self.classes: list[str] = []
-        if needs_classes:
-            classes = getattr(self.net, "classes", None)
-            if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
-                raise UserError(f"{flag}: the model needs a `classes` attribute (a list of names)", self.path)
-            self.classes = list(classes)
-
-    def bad(self, why: str) -> UserError:
-        return UserError(f"{self.flag}: {why}", self.path)
-
-    def __call__(self, images: np.ndarray, batch: int = 16) -> list[torch.Tensor]:
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))[:, None].float()
-                if x.shape[-1] != self.size or x.shape[-2] != self.size:
-                    x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                        align_corners=False)
-                try:
-                    y = self.net(x)
-                except Exception as e:  # noqa: BLE001
-                    msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-                    raise self.bad(f"the model failed on a ({', '.join(map(str, x.shape))}) batch "
-                                   f"({type(e).__name__}: {msg})") from None
-                if not isinstance(y, torch.Tensor):
-                    raise self.bad(f"the model must return a tensor, not {type(y).__name__}")
-                outs.append(y.detach().float())
-        return outs
+# ---- user-supplied TorchScript models: conventions and loader in chexforge/qc/models.py ------------
 
 
 def _missing(flag: str, what: str) -> dict:
@@ -174,12 +123,6 @@ def _overall_and_per_cohort(score, cohorts: list[str], model: ScriptModel, why_n
     if overall["images"] == 0:
         return {"available": False, "why": why_none}
     return {"available": True, "model": str(model.path), **overall, "per_cohort": per}
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """2|A∩B| / (|A|+|B|) of two boolean masks; 1 when both are empty."""
-    s = int(pred.sum()) + int(truth.sum())
-    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
 
 
 def seg_adherence(model: ScriptModel, images: np.ndarray, masks: list | None, root: str | Path) -> dict:

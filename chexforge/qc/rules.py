@@ -17,6 +17,11 @@ rejection. Checks:
   ~/.torchxrayvision/models_data; `model: PATH` is a TorchScript file (see docs/recipes.md) whose
   `pathologies` attribute names its outputs.
 - `sex`: a TorchScript sex classifier's probability of the job's sex.
+- `mask_dice`: the smallest Dice, over the classes a TorchScript segmentation model names (its
+  `classes` attribute, `chexforge eval --seg-model`'s convention: qc/models.py) that the image
+  has a mask for, of the model's mask (logit > 0, i.e. sigmoid > 0.5, resized to the mask's size)
+  against the backend's mask: does the image show the anatomy and findings where the labels say
+  (the hybrid backend's diffusion pixels against its DRR masks).
 
 The pixel checks are numpy; torch is imported only to run a model. A model problem is never a
 pass: a missing model, or a classifier whose labels name no chexforge finding, is an error when
@@ -37,7 +42,7 @@ from ..contracts.model_files import model_file, model_problem
 from ..contracts.vocabulary import FINDING_NAMES, NO_FINDING
 from ..errors import UserError
 from ..plan import rng
-from .models import Classifier
+from .models import Classifier, ScriptModel, dice
 
 # A classifier that sees a requested finding may rightly also see the broader labels it implies.
 IMPLIES = {
@@ -102,7 +107,7 @@ def finding_visible(image: np.ndarray, masks: dict[str, np.ndarray], findings: l
 class Rule:
     check: str
     threshold: float
-    model: Classifier | None = None
+    model: Classifier | ScriptModel | None = None
 
 
 class QCRunner:
@@ -110,7 +115,7 @@ class QCRunner:
 
     def __init__(self, recipe: Any, device: str | None = None):
         device = device if device and device.startswith("cuda") else "cpu"
-        loaded: dict[str, Classifier] = {}
+        loaded: dict[tuple[str, bool], Classifier | ScriptModel] = {}
         self.by_cohort: dict[str, tuple[int, list[Rule]]] = {}
         for cohort in recipe.cohorts:
             qc = cohort.qc if cohort.qc is not None else recipe.qc
@@ -120,12 +125,15 @@ class QCRunner:
             for r in qc.rules:
                 model = None
                 if r.model is not None:
-                    if r.model not in loaded:
+                    seg = r.check == "mask_dice"
+                    if (r.model, seg) not in loaded:
                         problem = model_problem(r.model, r.check, lambda s: Path(recipe.resolve_path(s)))
                         if problem:
                             raise UserError(f"cohort {cohort.name!r}: qc {r.check}: {problem}")
-                        loaded[r.model] = Classifier(r.model, model_file(r.model, lambda s: Path(recipe.resolve_path(s))), device)
-                    model = loaded[r.model]
+                        path = model_file(r.model, lambda s: Path(recipe.resolve_path(s)))
+                        loaded[(r.model, seg)] = (ScriptModel(path, f"cohort {cohort.name!r}: qc mask_dice", True, device)
+                                                  if seg else Classifier(r.model, path, device))
+                    model = loaded[(r.model, seg)]
                     if r.check == "classifier" and not model.findings:
                         raise UserError(f"cohort {cohort.name!r}: qc classifier: the model names no chexforge finding "
                                         f"(its `pathologies` attribute: {model.labels or 'none'}); a classifier whose "
@@ -163,6 +171,8 @@ class QCRunner:
         if rule.check == "finding_visible":
             return finding_visible(image, masks, findings)
         assert rule.model is not None
+        if isinstance(rule.model, ScriptModel):
+            return mask_dice(rule.model, image, masks)
         probs = rule.model([image])[0]
         if rule.check == "sex":
             if len(probs) == 1:
@@ -173,6 +183,29 @@ class QCRunner:
                 p_male = float("nan")  # not a sex classifier: fails, never passes
             return p_male if str(row.get("sex")) == "M" else 1.0 - p_male
         return classifier_value(dict(zip(rule.model.labels, probs.tolist())), findings)
+
+
+def mask_dice(model: ScriptModel, image: np.ndarray, masks: dict[str, np.ndarray]) -> float | None:
+    """The smallest Dice of the model's masks against the image's masks over the classes both
+    have; None when they share none (the model measured nothing)."""
+    import torch
+
+    common = [c for c in model.classes if c in masks]
+    if not common:
+        return None
+    out = model(np.asarray(image, np.float32)[None])[0]
+    if out.ndim != 4 or out.shape[0] != 1 or out.shape[1] != len(model.classes):
+        raise model.bad(f"expected (N, {len(model.classes)}, h, w) mask logits (one channel per class), "
+                        f"got shape {tuple(out.shape)}")
+    values = []
+    for name in common:
+        truth = np.asarray(masks[name], bool)
+        k = model.classes.index(name)
+        logit = out[:, k:k + 1]
+        if tuple(logit.shape[-2:]) != truth.shape:
+            logit = torch.nn.functional.interpolate(logit, size=truth.shape, mode="bilinear", align_corners=False)
+        values.append(dice(logit[0, 0].numpy() > 0, truth))
+    return min(values)
 
 
 def classifier_value(probs: dict[str, float], findings: list[str]) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..contracts.backends import backend_info, backend_names
-from ..contracts.model_files import XRV_MODELS, model_problem
+from ..contracts.model_files import XRV_MODELS, model_problem, seg_classes
 from ..contracts.vocabulary import (
     ALIASES,
     ANATOMY,
@@ -240,9 +240,10 @@ class Layout(Strict):
         return self
 
 
-QC_CHECKS = ("finding_visible", "mask_area", "not_blank", "classifier", "sex")
-QC_MODEL_CHECKS = ("classifier", "sex")
-QC_DEFAULT_MIN = {"finding_visible": 0.02, "mask_area": 0.001, "not_blank": 0.05, "classifier": 0.5, "sex": 0.5}
+QC_CHECKS = ("finding_visible", "mask_area", "not_blank", "classifier", "sex", "mask_dice")
+QC_MODEL_CHECKS = ("classifier", "sex", "mask_dice")
+QC_DEFAULT_MIN = {"finding_visible": 0.02, "mask_area": 0.001, "not_blank": 0.05, "classifier": 0.5, "sex": 0.5,
+                  "mask_dice": 0.5}
 
 
 class QCRule(Strict):
@@ -250,14 +251,15 @@ class QCRule(Strict):
 
     check: Literal[QC_CHECKS]  # type: ignore[valid-type]
     min: float | None = Field(None, ge=0.0, le=1.0)
-    model: str | None = None  # classifier, sex: `xrv-densenet` or a local TorchScript file
+    model: str | None = None  # classifier, sex: `xrv-densenet` or a local TorchScript file; mask_dice: a local one
 
     @model_validator(mode="after")
     def _fill(self) -> QCRule:
         if self.min is None:
             self.min = QC_DEFAULT_MIN[self.check]
         if self.check in QC_MODEL_CHECKS and not self.model:
-            raise ValueError(f"the {self.check} check needs `model:` (xrv-densenet or a local TorchScript file)")
+            kind = "a local TorchScript file" if self.check == "mask_dice" else "xrv-densenet or a local TorchScript file"
+            raise ValueError(f"the {self.check} check needs `model:` ({kind})")
         if self.check not in QC_MODEL_CHECKS and self.model is not None:
             raise ValueError(f"the {self.check} check takes no model")
         return self
@@ -525,7 +527,38 @@ def _qc_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problem = model_problem(rule.model, rule.check, lambda s: Path(recipe.resolve_path(s)))
             if problem:
                 out.append(((*loc, "rules", j, "model"), problem))
+            elif rule.check == "mask_dice":
+                problem = _seg_class_problem(recipe, loc, Path(recipe.resolve_path(rule.model)))
+                if problem:
+                    out.append(((*loc, "rules", j, "model"), problem))
     return out
+
+
+def maskable(recipe: Recipe, cohort: Cohort) -> set[str]:
+    """The mask names a cohort's images can have: its anatomy masks and the findings it requests."""
+    info = backend_info(recipe.backend)
+    anatomy = cohort.masks if cohort.masks is not None else info.default_anatomy
+    if cohort.findings == "natural":
+        findings = set(info.findings)
+    else:
+        findings = {n for n, spec in cohort.finding_specs.items() if spec.p > 0}
+    return (set(anatomy) | findings) - {NO_FINDING}
+
+
+def _seg_class_problem(recipe: Recipe, loc: tuple, path: Path) -> str | None:
+    """A mask_dice model whose classes name no mask a cohort the rule applies to can have: it
+    would measure nothing and reject every image. None when its classes cannot be read here."""
+    classes = seg_classes(path)
+    if not classes:
+        return None
+    cohorts = [c for i, c in enumerate(recipe.cohorts)
+               if loc == ("cohorts", i, "qc") or (loc == ("qc",) and c.qc is None)]
+    for c in cohorts:
+        have = maskable(recipe, c)
+        if not have & set(classes):
+            return (f"the segmentation model's classes ({', '.join(classes)}) share no name with the masks of cohort "
+                    f"{c.name!r} ({', '.join(sorted(have))}): mask_dice would reject every image")
+    return None
 
 
 def _finding_problems(cohort: Cohort, i: int, supported: tuple[str, ...], backend: str) -> list[tuple[tuple, str]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -237,10 +238,21 @@ def _files_hash(ct: Path, labels: Path):
     return h
 
 
+def _preparation_code() -> bytes:
+    """The source of the code that prepares a volume (this module and the vessel removal). A
+    cache keyed on CACHE_VERSION alone went stale when preparation changed without a bump: a
+    checkout with an old cache then rendered 1-grey-level different films from a fresh one."""
+    from . import vessels
+
+    return b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], vessels))
+
+
 def _digest(ct: Path, labels: Path, level: int, without_vessels: bool = False) -> str:
-    """The prepared volume's cache key: its files, detail level, vessels and preparation version."""
+    """The prepared volume's cache key: its files, detail level, vessels, preparation version and
+    the preparation code itself."""
     h = _files_hash(ct, labels)
     h.update(f"level={level}|v={CACHE_VERSION}".encode())
+    h.update(hashlib.blake2b(_preparation_code(), digest_size=8).digest())
     if without_vessels:
         h.update(b"|without-vessels")
     return h.hexdigest()

@@ -43,7 +43,7 @@ from .dataset_stats import dataset_metrics
 REPORT_DIR = "report"
 IDENTITY = ("backend", "backend_version", "model", "model_hash", "sampler")
 LINKED = (("manifest.parquet", "manifest"), ("README.md", "dataset card"), ("recipe.yaml", "recipe"),
-          ("coco.json", "COCO boxes"))
+          ("coco.json", "COCO boxes and masks"), ("datalist.json", "MONAI datalist"))
 METRICS = "metrics.json"
 NEAREST_PAIRS = "nearest_pairs.png"
 MAX_FAILURES = 200

@@ -278,17 +278,22 @@ def realised_side(row: dict, finding: str, masks: dict[tuple[str, str], MaskInfo
     return (side, "meta") if side else (UNDETERMINED, "none")
 
 
+def _requested(ok: pd.DataFrame, column_of: Callable[[str], str]):
+    """(finding, its attribute column, the rows that request the finding with that attribute set)
+    for each finding with such rows: laterality's and severity's requested side of the table."""
+    for f in FINDING_NAMES:
+        col = column_of(f)
+        if col in ok and f in ok:
+            rows = ok[(ok[f].fillna(0) != 0) & ok[col].notna()]
+            if not rows.empty:
+                yield f, col, rows
+
+
 def laterality(ok: pd.DataFrame, masks: dict[tuple[str, str], MaskInfo]) -> dict:
     """Per finding whose jobs carry a laterality: requested counts, realised counts, the
     requested → realised table, and agreement among the images whose side could be read."""
     out: dict[str, dict] = {}
-    for f in FINDING_NAMES:
-        col = laterality_column(f)
-        if col not in ok or f not in ok:
-            continue
-        rows = ok[(ok[f].fillna(0) != 0) & ok[col].notna()]
-        if rows.empty:
-            continue
+    for f, col, rows in _requested(ok, laterality_column):
         confusion: dict[str, dict[str, int]] = {}
         sources: dict[str, int] = {}
         realised: dict[str, int] = {}
@@ -320,13 +325,7 @@ def severity(ok: pd.DataFrame, masks: dict[tuple[str, str], MaskInfo]) -> dict:
     (say diameter_mm, volume_ml). `increasing`: the mask (else box) areas' medians rise with the
     grade, small < moderate < large, over the grades present; None with fewer than two grades."""
     out: dict[str, dict] = {}
-    for f in FINDING_NAMES:
-        col = severity_column(f)
-        if col not in ok or f not in ok:
-            continue
-        rows = ok[(ok[f].fillna(0) != 0) & ok[col].notna()]
-        if rows.empty:
-            continue
+    for f, col, rows in _requested(ok, severity_column):
         grades: dict[str, dict] = {}
         for grade in [g for g in SEVERITIES if (rows[col] == g).any()]:
             sub = rows[rows[col] == grade].to_dict("records")

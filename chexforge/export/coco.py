@@ -30,10 +30,10 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow as pa
 
 from ..contracts.images import read_mask
 from ..contracts.vocabulary import ANATOMY, FINDINGS
+from ..plan.summary import record_batches
 from ..recipe.schema import MAX_COHORT_IMAGES
 from ..store import Store
 
@@ -139,12 +139,6 @@ def row_annotations(row: dict, image: int, cat_id: dict[str, int],
     return anns
 
 
-def _batches(manifest):
-    if isinstance(manifest, pa.Table):
-        return manifest.select(COLUMNS).to_batches(max_chunksize=8192)
-    return manifest
-
-
 def write_coco_stream(out, manifest, description: str = "", store: Store | None = None,
                       cohorts: list[str] | None = None) -> None:
     """Write COCO JSON to the binary file `out`, one fragment per image and annotation: images go
@@ -161,7 +155,7 @@ def write_coco_stream(out, manifest, description: str = "", store: Store | None 
     out.write(('{"info":' + head + ',"licenses":[],\n"images":[').encode())
     images = annotations = 0
     with tempfile.TemporaryFile() as spool:
-        for batch in _batches(manifest):
+        for batch in record_batches(manifest):
             for row in batch.select(COLUMNS).to_pylist():
                 if row["status"] != "ok":
                     continue

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-
 from ..contracts.vocabulary import FINDING_NAMES
+from ..plan.summary import record_batches
 from ..store import Store
 from .writer import slug
 
@@ -80,12 +79,6 @@ def item(row: dict) -> dict:
     return out
 
 
-def _batches(manifest):
-    if isinstance(manifest, pa.Table):
-        return manifest.select(COLUMNS).to_batches(max_chunksize=8192)
-    return manifest
-
-
 def write_datalist_stream(out, manifest, name: str = "", description: str = "") -> None:
     """Write the datalist JSON to the binary file `out`, an item at a time."""
     dump = json.JSONEncoder(separators=(",", ":")).encode
@@ -94,7 +87,7 @@ def write_datalist_stream(out, manifest, name: str = "", description: str = "") 
             "box_mode": "xyxy", "box_axes": BOX_AXES}
     out.write((dump(head)[:-1] + ',\n"training":[').encode())
     n, structures = 0, {}
-    for batch in _batches(manifest):
+    for batch in record_batches(manifest):
         for row in batch.select(COLUMNS).to_pylist():
             if row["status"] != "ok":
                 continue
